@@ -1,0 +1,420 @@
+/**
+ * A fill: one origin body flowing into the store, with any number of
+ * clients attached. The fill belongs to the cache, not to a client.
+ *
+ * Design (DESIGN.md invariants 1, 3, 4, 5, 7):
+ *
+ * - **One pump** reads the origin at the origin's pace: each chunk is hashed,
+ *   appended to an in-memory window and written to the store; the next read
+ *   waits for that write, so backpressure comes from the store, never from
+ *   a client. No `tee()`.
+ * - **Readers** (one per attached client) pull at their own pace: bytes still
+ *   in the window come from memory, older bytes from the store through the
+ *   writer's positional `read()`. Each reader holds at most one chunk, so a
+ *   stalled client slows nobody and memory does not grow with clients.
+ * - **Hold-back**: until the length and digest are verified, readers see at
+ *   most all bytes but the last one; a failed verification errors every
+ *   reader, so no client ever gets a clean end of a wrong body.
+ * - **Store faults and deletion** *detach* the fill from the store: it stops
+ *   writing and will not commit, and keeps forwarding the origin to the
+ *   clients already attached. Bytes the store already holds are still read
+ *   from it (the writer's read handle outlives the file's removal); newer
+ *   bytes stay in memory until every reader has passed them, and the pump
+ *   waits (bounded memory) for the slowest reader. Every attached client
+ *   still gets the full, correct body (invariant 2).
+ *
+ * @module
+ */
+import { createHash, type Hash } from "node:crypto";
+import { digestMatches, type ExpectedDigest } from "./digest.ts";
+import type { DigestAlgorithm, ImageEntry, ImageWriter } from "./image_store.ts";
+
+/** Bytes of the newest data kept in memory for readers near the head. */
+const WINDOW = 2 * 2 ** 20;
+/** Bytes a detached fill may hold for readers before it waits for the slowest. */
+const DETACHED_LIMIT = 8 * 2 ** 20;
+/** Largest read from the store for a reader that trails the window. */
+const READ_CHUNK = 256 * 1024;
+
+/** Why a fill did not end in a committed entry. */
+export class FillError extends Error {
+  /** A short token for `Cache-Status` details and metrics. */
+  readonly reason: string;
+  constructor(reason: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "FillError";
+    this.reason = reason;
+  }
+}
+
+/** What starts a fill. */
+export interface FillInit {
+  id: string;
+  writer: ImageWriter;
+  source: ReadableStream<Uint8Array>;
+  /** From `Content-Length`, when the origin sent one. */
+  expectedLength?: number;
+  /** What the body must hash to; `undefined`: the length alone is checked. */
+  expected?: ExpectedDigest;
+  /** Origin headers to keep with the entry. */
+  storedHeaders: Record<string, string>;
+  /** Origin headers to send to clients that join. */
+  responseHeaders: Headers;
+  /** Keep filling when the last client leaves. */
+  completeOnAbort: boolean;
+  /** Whether to commit at all (false: a pass-through that still coalesces). */
+  commit: boolean;
+  /** Cache-side faults (store write failures, commit failures). */
+  onError: (error: unknown) => void;
+}
+
+interface Reader {
+  /** The next byte this reader needs. */
+  position: number;
+}
+
+interface WindowChunk {
+  offset: number;
+  bytes: Uint8Array;
+}
+
+/** One origin body being stored while clients read it. */
+export class Fill {
+  readonly id: string;
+  readonly responseHeaders: Headers;
+  readonly expectedLength: number | undefined;
+  /** `running` until the body ended and was verified (or not). */
+  state: "running" | "verified" | "failed" = "running";
+  /** Why the fill failed, once `state` is `failed`. */
+  error: FillError | undefined;
+  /** The committed entry, once committed. */
+  committed: ImageEntry | undefined;
+  /** Settles when the pump is done and the commit (if any) is over. Never rejects. */
+  readonly done: Promise<void>;
+
+  #init: FillInit;
+  #hash: Hash;
+  #written = 0;
+  #durable = 0;
+  #detached: string | undefined;
+  #window: WindowChunk[] = [];
+  #readers = new Set<Reader>();
+  #tick!: Promise<void>;
+  #wake!: () => void;
+  #readerTick: Promise<void> | undefined;
+  #readerWake: (() => void) | undefined;
+  #source: ReadableStreamDefaultReader<Uint8Array>;
+  #committing: Promise<unknown> | undefined;
+  #writerClosed = false;
+
+  constructor(init: FillInit) {
+    this.id = init.id;
+    this.#init = init;
+    this.responseHeaders = init.responseHeaders;
+    this.expectedLength = init.expectedLength;
+    this.#hash = createHash(init.expected?.algorithm ?? "md5");
+    this.#source = init.source.getReader();
+    this.#newTick();
+    if (!init.commit) this.#detached = "not-stored";
+    this.done = this.#pump();
+  }
+
+  /** Bytes received from the origin so far. */
+  get written(): number {
+    return this.#written;
+  }
+
+  /** Whether a new client may still join (the fill will commit if it verifies). */
+  get joinable(): boolean {
+    return this.state === "running" && this.#detached === undefined;
+  }
+
+  /** Whether the fill stopped storing (store fault, deletion, or never meant to). */
+  get detached(): string | undefined {
+    return this.#detached;
+  }
+
+  /** The algorithm the fill hashes with. */
+  get algorithm(): DigestAlgorithm {
+    return this.#init.expected?.algorithm ?? "md5";
+  }
+
+  /** Number of attached clients. */
+  get readers(): number {
+    return this.#readers.size;
+  }
+
+  #newTick() {
+    this.#tick = new Promise((resolve) => this.#wake = resolve);
+  }
+
+  #progress() {
+    const wake = this.#wake;
+    this.#newTick();
+    wake();
+  }
+
+  async #pump(): Promise<void> {
+    const init = this.#init;
+    try {
+      for (;;) {
+        const { done, value } = await this.#source.read();
+        // A cancelled source also ends with `done`: that is never a complete body.
+        if (this.state !== "running") return;
+        if (done) break;
+        if (value.byteLength === 0) continue;
+        this.#hash.update(value);
+        this.#window.push({ offset: this.#written, bytes: value });
+        this.#written += value.byteLength;
+        if (init.expectedLength !== undefined && this.#written > init.expectedLength) {
+          throw new FillError(
+            "length",
+            `Origin sent more than its Content-Length of ${init.expectedLength} bytes`,
+          );
+        }
+        this.#progress();
+        if (this.#detached === undefined) {
+          try {
+            await init.writer.write(value);
+            this.#durable = this.#written;
+          } catch (error) {
+            if (this.#detached === undefined) {
+              init.onError(error);
+              await this.#detach("store-error");
+            }
+          }
+        }
+        this.#trim();
+        if (this.#detached !== undefined) await this.#waitForReaders();
+      }
+      await this.#finish();
+    } catch (error) {
+      await this.#fail(
+        error instanceof FillError
+          ? error
+          : new FillError("origin-error", `Origin body failed: ${error}`, { cause: error }),
+      );
+    }
+    if (this.#readers.size === 0) await this.#closeWriter();
+  }
+
+  #closeWriter(): Promise<void> {
+    if (this.#writerClosed) return Promise.resolve();
+    this.#writerClosed = true;
+    return this.#init.writer.close().catch((e) => this.#init.onError(e));
+  }
+
+  async #finish() {
+    const init = this.#init;
+    const size = this.#written;
+    if (init.expectedLength !== undefined && size !== init.expectedLength) {
+      throw new FillError(
+        "length",
+        `Origin body ended after ${size} of ${init.expectedLength} bytes`,
+      );
+    }
+    const hex = this.#hash.digest("hex");
+    if (init.expected !== undefined && !digestMatches(init.expected, hex)) {
+      throw new FillError(
+        "digest",
+        `Checksum mismatch: expected ${init.expected.algorithm} ${init.expected.value}, got ${hex}`,
+      );
+    }
+    if (this.#detached === undefined && this.state === "running") {
+      const headers = init.storedHeaders;
+      this.#committing = init.writer.commit({
+        size,
+        digest: { algorithm: this.algorithm, value: hex },
+        headers,
+      }).then(
+        (entry) => this.committed = entry,
+        (error) => init.onError(error),
+      );
+      await this.#committing;
+    }
+    this.state = "verified";
+    this.#progress();
+  }
+
+  async #fail(error: FillError) {
+    if (this.state !== "running") return;
+    this.state = "failed";
+    this.error = error;
+    this.#progress();
+    this.#readerWake?.();
+    this.#source.cancel(error).catch(() => {});
+    if (this.#detached === undefined) {
+      this.#detached = error.reason;
+      await this.#init.writer.abort(error.reason === "cancelled" ? "discard" : "invalid")
+        .catch((e) => this.#init.onError(e));
+    }
+  }
+
+  /** Stops storing: the store failed, or the image was deleted. Attached clients go on. */
+  async #detach(reason: string) {
+    if (this.#detached !== undefined) return;
+    this.#detached = reason;
+    await this.#init.writer.abort("discard").catch((e) => this.#init.onError(e));
+  }
+
+  /**
+   * Deletion wins (invariant 7): the fill will not commit; a commit already
+   * under way is awaited, so that the caller's delete comes after it.
+   */
+  async evict(): Promise<void> {
+    if (this.#committing !== undefined) {
+      await this.#committing;
+      return;
+    }
+    await this.#detach("deleted");
+  }
+
+  /**
+   * Frees memory no reader needs: bytes older than the window that the store
+   * holds; once detached (no one joins any more), also bytes every reader passed.
+   */
+  #trim() {
+    let keep = this.#durable;
+    if (this.#detached !== undefined) {
+      let slowest = Infinity;
+      for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
+      keep = Math.max(keep, slowest);
+    }
+    const floor = Math.min(this.#written - WINDOW, keep);
+    let drop = 0;
+    while (
+      drop < this.#window.length &&
+      this.#window[drop].offset + this.#window[drop].bytes.byteLength <= floor
+    ) drop++;
+    if (drop > 0) this.#window.splice(0, drop);
+  }
+
+  /** A detached fill waits while it holds too many bytes that only memory has. */
+  async #waitForReaders() {
+    for (;;) {
+      if (this.#readers.size === 0) {
+        throw new FillError("cancelled", "No client left to forward a fill that is not stored");
+      }
+      if (this.state !== "running") return;
+      let slowest = Infinity;
+      for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
+      if (this.#written - Math.max(this.#durable, slowest) <= DETACHED_LIMIT) return;
+      this.#readerTick ??= new Promise((resolve) => this.#readerWake = resolve);
+      await this.#readerTick;
+    }
+  }
+
+  #readerMoved() {
+    const wake = this.#readerWake;
+    if (wake === undefined) return;
+    this.#readerTick = this.#readerWake = undefined;
+    this.#trim();
+    wake();
+  }
+
+  /** Attaches a client that starts reading at `position`. */
+  attach(position = 0): Reader {
+    const reader = { position };
+    this.#readers.add(reader);
+    return reader;
+  }
+
+  /** Detaches a client (done, failed, or hung up). */
+  detach(reader: Reader): void {
+    if (!this.#readers.delete(reader)) return;
+    this.#readerMoved();
+    if (this.#readers.size > 0) return;
+    if (this.state !== "running") {
+      this.#closeWriter();
+    } else if (!this.#init.completeOnAbort || this.#detached !== undefined) {
+      this.#fail(new FillError("cancelled", "Every client left the fill"));
+    }
+  }
+
+  /** How far readers may read now: all bytes once verified, else all but the last. */
+  #readable(): number {
+    if (this.state === "verified") return this.#written;
+    const length = this.#init.expectedLength;
+    return length === undefined ? this.#written - 1 : Math.min(this.#written, length - 1);
+  }
+
+  /**
+   * The next bytes for `reader` from `position`, up to `end` (exclusive);
+   * `null` at the end. Waits for the fill; rejects when it fails.
+   */
+  async read(reader: Reader, position: number, end = Infinity): Promise<Uint8Array | null> {
+    reader.position = position;
+    for (;;) {
+      if (this.state === "failed") throw this.error;
+      const stop = Math.min(end, this.#readable());
+      if (position < stop) {
+        const bytes = await this.#bytesAt(position, stop);
+        reader.position = position + bytes.byteLength;
+        this.#readerMoved();
+        return bytes;
+      }
+      if (this.state === "verified" && position >= Math.min(end, this.#written)) return null;
+      await this.#tick;
+    }
+  }
+
+  async #bytesAt(position: number, stop: number): Promise<Uint8Array> {
+    const window = this.#window;
+    if (window.length > 0 && position >= window[0].offset) {
+      // Binary search for the chunk that holds `position`.
+      let low = 0;
+      let high = window.length - 1;
+      while (low < high) {
+        const mid = (low + high + 1) >> 1;
+        if (window[mid].offset <= position) low = mid;
+        else high = mid - 1;
+      }
+      const chunk = window[low];
+      const from = position - chunk.offset;
+      const to = Math.min(chunk.bytes.byteLength, stop - chunk.offset);
+      return from === 0 && to === chunk.bytes.byteLength
+        ? chunk.bytes
+        : chunk.bytes.subarray(from, to);
+    }
+    const length = Math.min(READ_CHUNK, stop - position, this.#durable - position);
+    const bytes = length > 0 ? await this.#init.writer.read(position, length) : new Uint8Array();
+    if (bytes.byteLength === 0) {
+      throw new FillError("store-error", `Cannot read back byte ${position} of "${this.id}"`);
+    }
+    return bytes;
+  }
+
+  /** Waits until the fill is verified or failed. */
+  settled(): Promise<void> {
+    return this.done;
+  }
+}
+
+/**
+ * A body that follows `fill` from byte `start` to `end` (exclusive). The
+ * client detaches when it finishes, fails or cancels.
+ */
+export function fillBody(fill: Fill, start = 0, end = Infinity): ReadableStream<Uint8Array> {
+  const reader = fill.attach(start);
+  let position = start;
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const bytes = await fill.read(reader, position, end);
+        if (bytes === null) {
+          fill.detach(reader);
+          controller.close();
+          return;
+        }
+        position += bytes.byteLength;
+        controller.enqueue(bytes);
+      } catch (error) {
+        fill.detach(reader);
+        controller.error(error);
+      }
+    },
+    cancel() {
+      fill.detach(reader);
+    },
+  }, { highWaterMark: 0 });
+}

@@ -1,0 +1,627 @@
+/**
+ * A {@linkcode ImageStore} on the local file system, with Glance's layout.
+ *
+ * @module
+ */
+import { randomUUID } from "node:crypto";
+import { mkdir, open, readdir, readFile, rename, stat, utimes, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import process from "node:process";
+import { fileNameForId, idForFileName } from "./_ids.ts";
+import { checkSize, unrefTimer } from "./_options.ts";
+import {
+  createOwnerFile,
+  errorCode,
+  fileBody,
+  HEARTBEAT_INTERVAL,
+  HOST,
+  isNotFound,
+  LIVE_TOKENS,
+  ownerAlive,
+  type OwnerRecord,
+  parseOwner,
+  removeIfPresent,
+  syncDirectory,
+  writeFileAtomic,
+} from "./_fs.ts";
+import { isDigestAlgorithm } from "./digest.ts";
+import type {
+  CleanResult,
+  CommitInfo,
+  CreateWriterOptions,
+  ImageEntry,
+  ImageStore,
+  ImageWriter,
+  WriterRefusal,
+} from "./image_store.ts";
+
+/** Options of {@linkcode FileSystemStore}. */
+export interface FileSystemStoreOptions {
+  /** The cache directory; created when missing. */
+  directory: string;
+  /**
+   * Bytes of data the cache may hold.
+   * @default {10737418240} (10 GiB)
+   */
+  maxSize?: number;
+  /**
+   * Milliseconds after which a partial file that no live fill owns is
+   * removed by `clean()`.
+   * @default {86400000} (24 hours)
+   */
+  stallTime?: number;
+  /**
+   * Bytes to keep free on the disk.
+   * @default {0}
+   */
+  minFree?: number;
+}
+
+const OWNER_SUFFIX = ".owner";
+const META_SUFFIX = ".json";
+const HIT_FLUSH_DELAY = 2_000;
+
+interface KnownEntry {
+  entry: ImageEntry;
+  /** Identity of the data file the entry was read for: a replaced file is re-read. */
+  ino: number;
+  mtimeMs: number;
+}
+
+/**
+ * Keeps images as files, in Glance's layout under `directory`:
+ *
+ * - `<id>`: committed data, with its metadata in `<id>.json` beside it;
+ * - `incomplete/<id>`: a fill under way, owned by the process named in
+ *   `incomplete/<id>.owner` (created exclusively: the fill lock);
+ * - `invalid/<id>`: a failed fill, kept for inspection;
+ * - `queue/<id>`: a queued image.
+ *
+ * An id of `[A-Za-z0-9_-]` is stored under its own name; any other id under
+ * an encoded name; an id that cannot be held safely is refused. Several
+ * processes may share one directory. Partial files of dead owners are swept
+ * when the store starts.
+ *
+ * @example Caching on disk
+ * ```ts
+ * import { Hono } from "hono";
+ * import { FileSystemStore, imageCache } from "hono-image-cache";
+ * import { mkdtemp, rm } from "node:fs/promises";
+ * import { tmpdir } from "node:os";
+ * import { join } from "node:path";
+ * import assert from "node:assert/strict";
+ *
+ * const directory = await mkdtemp(join(tmpdir(), "image-cache-"));
+ * const store = new FileSystemStore({ directory, maxSize: 2 ** 30 });
+ * try {
+ *   const app = new Hono();
+ *   app.use(imageCache({ store }));
+ *   app.get("/v2/images/:id/file", (c) => c.body("image bytes"));
+ *   await (await app.request("/v2/images/abc/file")).text();
+ *   const hit = await app.request("/v2/images/abc/file");
+ *   assert.equal(await hit.text(), "image bytes");
+ *   assert.equal(hit.headers.get("cache-status"), "hono-image-cache; hit");
+ * } finally {
+ *   await store.close();
+ *   await rm(directory, { recursive: true });
+ * }
+ * ```
+ */
+export class FileSystemStore implements ImageStore {
+  /** Bytes of data the cache may hold. */
+  readonly maxSize: number;
+  /** Milliseconds after which an unowned partial file is stale. */
+  readonly stallTime: number;
+  /** Bytes to keep free on the disk. */
+  readonly minFree: number;
+  /** The cache directory. */
+  readonly directory: string;
+  #token = randomUUID();
+  #ready: Promise<void> | undefined;
+  #known = new Map<string, KnownEntry>();
+  #dirtyHits = new Set<string>();
+  #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  #queueSequence = 0;
+  #closed = false;
+
+  /**
+   * @param options Where and how much to cache.
+   * @throws {TypeError} When `directory` is not a non-empty string.
+   * @throws {RangeError} When a size or time is not a non-negative number.
+   */
+  constructor(options: FileSystemStoreOptions) {
+    const directory = options?.directory;
+    if (typeof directory !== "string" || directory === "") {
+      throw new TypeError(
+        `Cannot create FileSystemStore: "directory" must be a non-empty string, received ${
+          JSON.stringify(directory)
+        }`,
+      );
+    }
+    this.directory = directory;
+    this.maxSize = checkSize("FileSystemStore", "maxSize", options.maxSize, 10 * 2 ** 30);
+    this.stallTime = checkSize("FileSystemStore", "stallTime", options.stallTime, 86_400_000);
+    this.minFree = checkSize("FileSystemStore", "minFree", options.minFree, 0);
+    LIVE_TOKENS.add(this.#token);
+    // Start now, so dead owners' leftovers go at start, not at the first request.
+    this.#init().catch(() => {});
+  }
+
+  /** Creates the layout and sweeps partial files of dead owners. Retried after a failure. */
+  #init(): Promise<void> {
+    this.#ready ??= (async () => {
+      for (const sub of ["incomplete", "invalid", "queue"]) {
+        await mkdir(join(this.directory, sub), { recursive: true });
+      }
+      await this.#sweepIncomplete(false);
+    })().catch((error) => {
+      this.#ready = undefined;
+      throw error;
+    });
+    return this.#ready;
+  }
+
+  #path(...parts: string[]): string {
+    return join(this.directory, ...parts);
+  }
+
+  /** Whether this store can hold an image of this id. */
+  canHold(id: string): boolean {
+    return fileNameForId(id) !== undefined;
+  }
+
+  /** The committed entry for `id`, checked against its data file. */
+  async get(id: string): Promise<ImageEntry | undefined> {
+    const name = fileNameForId(id);
+    if (name === undefined) return undefined;
+    await this.#init();
+    return this.#load(id, name);
+  }
+
+  async #load(id: string, name: string): Promise<ImageEntry | undefined> {
+    let info;
+    try {
+      info = await stat(this.#path(name));
+    } catch (error) {
+      if (!isNotFound(error)) throw error;
+      this.#known.delete(id);
+      return undefined;
+    }
+    let known = this.#known.get(id);
+    if (known === undefined || known.ino !== info.ino || known.mtimeMs !== info.mtimeMs) {
+      const entry = await this.#readMeta(id, name);
+      known = entry && { entry, ino: info.ino, mtimeMs: info.mtimeMs };
+    }
+    if (known === undefined || known.entry.size !== info.size) {
+      // Data without metadata, or of the wrong size: damaged, never served.
+      this.#known.delete(id);
+      await this.#removeEntry(name);
+      return undefined;
+    }
+    this.#known.set(id, known);
+    return { ...known.entry, headers: { ...known.entry.headers } };
+  }
+
+  async #readMeta(id: string, name: string): Promise<ImageEntry | undefined> {
+    let text;
+    try {
+      text = await readFile(this.#path(name + META_SUFFIX), "utf8");
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw error;
+    }
+    return parseEntry(id, text);
+  }
+
+  async #removeEntry(name: string): Promise<boolean> {
+    const removed = await removeIfPresent(this.#path(name));
+    await removeIfPresent(this.#path(name + META_SUFFIX));
+    return removed;
+  }
+
+  /** A body of bytes `start` to `end` (inclusive), the runtime's fastest. */
+  body(entry: ImageEntry, start: number, end: number): Promise<ReadableStream<Uint8Array> | Blob> {
+    const name = fileNameForId(entry.id);
+    if (name === undefined) return Promise.reject(new TypeError(`Unsupported id "${entry.id}"`));
+    return fileBody(this.#path(name), start, end, entry.size);
+  }
+
+  /** Counts a hit; written to the metadata file shortly after, or at `close()`. */
+  recordHit(id: string): void {
+    const known = this.#known.get(id);
+    if (known === undefined) return;
+    known.entry.hits++;
+    known.entry.lastAccessed = Date.now();
+    this.#dirtyHits.add(id);
+    if (this.#flushTimer === undefined && !this.#closed) {
+      this.#flushTimer = setTimeout(() => {
+        this.#flushTimer = undefined;
+        this.#flushHits().catch(() => {});
+      }, HIT_FLUSH_DELAY);
+      unrefTimer(this.#flushTimer);
+    }
+  }
+
+  async #flushHits(): Promise<void> {
+    const ids = [...this.#dirtyHits];
+    this.#dirtyHits.clear();
+    for (const id of ids) {
+      const known = this.#known.get(id);
+      const name = fileNameForId(id);
+      if (known === undefined || name === undefined) continue;
+      try {
+        // Only where the entry still exists: a flush must not resurrect a deleted entry.
+        await stat(this.#path(name));
+        await writeFileAtomic(this.#path(name + META_SUFFIX), JSON.stringify(known.entry));
+      } catch {
+        // Hit counts are advisory; a failed write loses a few counts, nothing else.
+      }
+    }
+  }
+
+  /** An exclusive writer for `id`: `"busy"` while another live process fills it. */
+  async createWriter(
+    id: string,
+    _options?: CreateWriterOptions,
+  ): Promise<ImageWriter | WriterRefusal> {
+    const name = fileNameForId(id);
+    if (name === undefined) return "unsupported-id";
+    await this.#init();
+    const dataPath = this.#path("incomplete", name);
+    const ownerPath = dataPath + OWNER_SUFFIX;
+    const owner: OwnerRecord = {
+      pid: process.pid,
+      host: HOST,
+      token: this.#token,
+      started: Date.now(),
+    };
+    for (let attempt = 0;; attempt++) {
+      try {
+        await createOwnerFile(ownerPath, owner);
+        break;
+      } catch (error) {
+        if (errorCode(error) !== "EEXIST" || attempt > 0) {
+          if (errorCode(error) === "EEXIST") return "busy";
+          throw error;
+        }
+        if (await this.#ownerLive(name)) return "busy";
+        // The owner is gone: take its leftovers away and try once more.
+        await removeIfPresent(dataPath);
+        await removeIfPresent(ownerPath);
+      }
+    }
+    let handle, reader;
+    try {
+      handle = await open(dataPath, "w");
+      reader = await open(dataPath, "r");
+    } catch (error) {
+      await handle?.close().catch(() => {});
+      await removeIfPresent(dataPath).catch(() => {});
+      await removeIfPresent(ownerPath).catch(() => {});
+      throw error;
+    }
+    return new FileWriter(this, id, name, handle, reader, owner);
+  }
+
+  async #ownerLive(name: string): Promise<boolean> {
+    const ownerPath = this.#path("incomplete", name + OWNER_SUFFIX);
+    let text, info;
+    try {
+      [text, info] = await Promise.all([readFile(ownerPath, "utf8"), stat(ownerPath)]);
+    } catch (error) {
+      if (isNotFound(error)) return false;
+      throw error;
+    }
+    const record = parseOwner(text);
+    // A record being written right now is empty for an instant: judge it by age.
+    if (record === undefined) return Date.now() - info.mtimeMs < HEARTBEAT_INTERVAL * 2;
+    return ownerAlive(record, info.mtimeMs);
+  }
+
+  /** Called by a writer when it commits. */
+  async _commit(
+    writer: FileWriter,
+    info: CommitInfo,
+  ): Promise<ImageEntry> {
+    const now = Date.now();
+    const entry: ImageEntry = {
+      id: writer.id,
+      size: info.size,
+      digest: info.digest,
+      headers: info.headers,
+      created: now,
+      lastAccessed: now,
+      hits: 0,
+    };
+    const ownerPath = this.#path("incomplete", writer.name + OWNER_SUFFIX);
+    // Deletion wins: if the lock is no longer ours, someone removed this fill.
+    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
+    if (current?.token !== this.#token || current.started !== writer.owner.started) {
+      throw new Error(`Fill of "${writer.id}" lost its lock (deleted while filling)`);
+    }
+    await writeFileAtomic(this.#path(writer.name + META_SUFFIX), JSON.stringify(entry));
+    await rename(this.#path("incomplete", writer.name), this.#path(writer.name));
+    await syncDirectory(this.directory);
+    await removeIfPresent(ownerPath);
+    await removeIfPresent(this.#path("queue", writer.name)).catch(() => {});
+    const data = await stat(this.#path(writer.name));
+    this.#known.set(writer.id, { entry, ino: data.ino, mtimeMs: data.mtimeMs });
+    return { ...entry };
+  }
+
+  /** Called by a writer when it gives up. */
+  async _abort(writer: FileWriter, reason: "invalid" | "discard"): Promise<void> {
+    const dataPath = this.#path("incomplete", writer.name);
+    const ownerPath = dataPath + OWNER_SUFFIX;
+    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
+    const ours = current?.token === this.#token && current.started === writer.owner.started;
+    if (!ours) return; // Someone else removed it and may own the name now.
+    if (reason === "invalid") {
+      await rename(dataPath, this.#path("invalid", writer.name)).catch(() =>
+        removeIfPresent(dataPath)
+      );
+    } else {
+      await removeIfPresent(dataPath);
+    }
+    await removeIfPresent(ownerPath);
+  }
+
+  /** Refreshes the heartbeat of a live fill. */
+  async _heartbeat(writer: FileWriter): Promise<void> {
+    const now = new Date();
+    await utimes(this.#path("incomplete", writer.name + OWNER_SUFFIX), now, now);
+  }
+
+  /** Removes a committed entry. */
+  async delete(id: string): Promise<boolean> {
+    const name = fileNameForId(id);
+    if (name === undefined) return false;
+    await this.#init();
+    this.#known.delete(id);
+    this.#dirtyHits.delete(id);
+    return await this.#removeEntry(name);
+  }
+
+  /** Every committed, intact entry. */
+  async list(): Promise<ImageEntry[]> {
+    await this.#init();
+    const entries: ImageEntry[] = [];
+    for (const name of await readdir(this.directory)) {
+      const id = idForFileName(name);
+      if (id === undefined) continue;
+      const entry = await this.#load(id, name).catch(() => undefined);
+      if (entry !== undefined) entries.push(entry);
+    }
+    return entries;
+  }
+
+  /** Whether a live writer (any process) holds `id`. */
+  async isFilling(id: string): Promise<boolean> {
+    const name = fileNameForId(id);
+    if (name === undefined) return false;
+    await this.#init();
+    return await this.#ownerLive(name);
+  }
+
+  /**
+   * Removes the partial data of `id`, even a live fill's: that fill then
+   * cannot commit (its lock is gone), so deletion wins across processes.
+   */
+  async deleteIncomplete(id: string): Promise<boolean> {
+    const name = fileNameForId(id);
+    if (name === undefined) return false;
+    await this.#init();
+    const data = await removeIfPresent(this.#path("incomplete", name));
+    const owner = await removeIfPresent(this.#path("incomplete", name + OWNER_SUFFIX));
+    return data || owner;
+  }
+
+  /** Queues `id` (a `queue/<id>` marker holding the time it was queued). */
+  async enqueue(id: string): Promise<void> {
+    const name = fileNameForId(id);
+    if (name === undefined) throw new TypeError(`Cannot queue image id ${JSON.stringify(id)}`);
+    await this.#init();
+    const stamp = `${Date.now()} ${String(++this.#queueSequence).padStart(12, "0")}`;
+    try {
+      await writeFile(this.#path("queue", name), stamp, { flag: "wx" });
+    } catch (error) {
+      if (errorCode(error) !== "EEXIST") throw error;
+    }
+  }
+
+  /** Unqueues `id`. */
+  async dequeue(id: string): Promise<boolean> {
+    const name = fileNameForId(id);
+    if (name === undefined) return false;
+    await this.#init();
+    return await removeIfPresent(this.#path("queue", name));
+  }
+
+  /** Queued ids, in the order they were queued. */
+  async queued(): Promise<string[]> {
+    await this.#init();
+    const marked: { id: string; stamp: string }[] = [];
+    for (const name of await readdir(this.#path("queue"))) {
+      const id = idForFileName(name);
+      if (id === undefined) continue;
+      const stamp = await readFile(this.#path("queue", name), "utf8").catch(() => undefined);
+      if (stamp !== undefined) marked.push({ id, stamp });
+    }
+    return marked.sort((a, b) => compareStamps(a.stamp, b.stamp)).map((m) => m.id);
+  }
+
+  /**
+   * Removes `invalid/` files, and `incomplete/` files whose owner is dead,
+   * or that have no owner record and are older than `stallTime`. A live
+   * fill's file is never touched.
+   */
+  async clean(): Promise<CleanResult> {
+    await this.#init();
+    let invalid = 0;
+    for (const name of await readdir(this.#path("invalid"))) {
+      if (await removeIfPresent(this.#path("invalid", name)).catch(() => false)) invalid++;
+    }
+    const incomplete = await this.#sweepIncomplete(true);
+    return { invalid, incomplete };
+  }
+
+  /** Removes partial files of dead owners; with `byAge`, also unowned files older than `stallTime`. */
+  async #sweepIncomplete(byAge: boolean): Promise<number> {
+    let removed = 0;
+    const dir = this.#path("incomplete");
+    const names = await readdir(dir);
+    const now = Date.now();
+    for (const file of names) {
+      if (file.endsWith(".tmp")) continue;
+      const name = file.endsWith(OWNER_SUFFIX) ? file.slice(0, -OWNER_SUFFIX.length) : file;
+      if (file !== name && names.includes(name)) continue; // Judged with its data file.
+      try {
+        const hasOwner = names.includes(name + OWNER_SUFFIX);
+        let stale;
+        if (hasOwner) {
+          stale = !(await this.#ownerLive(name));
+        } else {
+          const info = await stat(join(dir, name));
+          stale = byAge && now - info.mtimeMs > this.stallTime;
+        }
+        if (!stale) continue;
+        const data = await removeIfPresent(join(dir, name));
+        await removeIfPresent(join(dir, name + OWNER_SUFFIX));
+        if (data) removed++;
+      } catch {
+        // One file that cannot be judged or removed does not stop the sweep.
+      }
+    }
+    return removed;
+  }
+
+  /**
+   * Writes pending hit counts and stops timers. Fills this instance still
+   * owns count as dead from now on (another instance may take them over).
+   */
+  async close(): Promise<void> {
+    this.#closed = true;
+    if (this.#flushTimer !== undefined) clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
+    LIVE_TOKENS.delete(this.#token);
+    await this.#flushHits();
+  }
+}
+
+/** The writer of {@linkcode FileSystemStore}: `incomplete/<id>`, positional reads for trailing clients. */
+class FileWriter implements ImageWriter {
+  #store: FileSystemStore;
+  #handle: import("node:fs/promises").FileHandle;
+  #reader: import("node:fs/promises").FileHandle;
+  #written = 0;
+  #settled = false;
+  #readerClosed = false;
+  #heartbeat: ReturnType<typeof setInterval>;
+
+  constructor(
+    store: FileSystemStore,
+    readonly id: string,
+    readonly name: string,
+    handle: import("node:fs/promises").FileHandle,
+    reader: import("node:fs/promises").FileHandle,
+    readonly owner: OwnerRecord,
+  ) {
+    this.#store = store;
+    this.#handle = handle;
+    this.#reader = reader;
+    this.#heartbeat = setInterval(() => {
+      store._heartbeat(this).catch(() => {});
+    }, HEARTBEAT_INTERVAL);
+    unrefTimer(this.#heartbeat);
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    if (this.#settled) throw new Error(`Writer for "${this.id}" is closed`);
+    let offset = 0;
+    while (offset < chunk.byteLength) {
+      const { bytesWritten } = await this.#handle.write(
+        chunk,
+        offset,
+        chunk.byteLength - offset,
+        this.#written,
+      );
+      offset += bytesWritten;
+      this.#written += bytesWritten;
+    }
+  }
+
+  async read(position: number, length: number): Promise<Uint8Array> {
+    const buffer = new Uint8Array(length);
+    const { bytesRead } = await this.#reader.read(buffer, 0, length, position);
+    return bytesRead === length ? buffer : buffer.subarray(0, bytesRead);
+  }
+
+  async commit(info: CommitInfo): Promise<ImageEntry> {
+    this.#settle();
+    try {
+      if (info.size !== this.#written) {
+        throw new Error(
+          `Cannot commit "${this.id}": wrote ${this.#written} bytes, not ${info.size}`,
+        );
+      }
+      await this.#handle.sync();
+    } finally {
+      await this.#handle.close();
+    }
+    try {
+      return await this.#store._commit(this, info);
+    } catch (error) {
+      await this.#store._abort(this, "discard").catch(() => {});
+      throw error;
+    }
+  }
+
+  async abort(reason: "invalid" | "discard"): Promise<void> {
+    if (this.#settled) return;
+    this.#settle();
+    await this.#handle.close().catch(() => {});
+    await this.#store._abort(this, reason);
+  }
+
+  async close(): Promise<void> {
+    if (this.#readerClosed) return;
+    this.#readerClosed = true;
+    await this.#reader.close();
+  }
+
+  #settle() {
+    if (this.#settled) throw new Error(`Writer for "${this.id}" already committed or aborted`);
+    this.#settled = true;
+    clearInterval(this.#heartbeat);
+  }
+}
+
+function parseEntry(id: string, text: string): ImageEntry | undefined {
+  try {
+    const value = JSON.parse(text);
+    const valid = value?.id === id && Number.isSafeInteger(value.size) && value.size >= 0 &&
+      isDigestAlgorithm(value.digest?.algorithm) && typeof value.digest.value === "string" &&
+      typeof value.headers === "object" && value.headers !== null &&
+      Object.values(value.headers).every((v) => typeof v === "string") &&
+      Number.isFinite(value.created) && Number.isFinite(value.lastAccessed) &&
+      Number.isSafeInteger(value.hits);
+    if (!valid) return undefined;
+    return {
+      id,
+      size: value.size,
+      digest: { algorithm: value.digest.algorithm, value: value.digest.value },
+      headers: value.headers,
+      created: value.created,
+      lastAccessed: value.lastAccessed,
+      hits: value.hits,
+    };
+  } catch {
+    return undefined;
+  }
+}
+
+function compareStamps(a: string, b: string): number {
+  const [timeA, seqA] = a.split(" ");
+  const [timeB, seqB] = b.split(" ");
+  return Number(timeA) - Number(timeB) || (seqA ?? "").localeCompare(seqB ?? "");
+}

@@ -1,0 +1,319 @@
+/**
+ * The `imageCache()` middleware: Glance's transparent image cache for Hono.
+ *
+ * @module
+ */
+import type { Context, MiddlewareHandler } from "hono";
+import { coreFor, type Fill } from "./_cache_core.ts";
+import { fillBody } from "./_fill.ts";
+import { hitHeaders, withHeader } from "./_http.ts";
+import { checkFunction } from "./_options.ts";
+import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
+import type { ImageStore } from "./image_store.ts";
+import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
+
+/**
+ * Decides whether a request may be answered from the cache. `false` means
+ * 403; a `Response` is sent as is.
+ */
+export type AuthorizeImage = (
+  c: Context,
+  imageId: string,
+) => boolean | Response | Promise<boolean | Response>;
+
+/** Options of {@linkcode imageCache}. */
+export interface ImageCacheOptions {
+  /** Where images are kept. */
+  store: ImageStore;
+  /**
+   * Which requests serve or evict images.
+   * @default {glanceRoutes}
+   */
+  routes?: readonly ImageRoute[];
+  /**
+   * Asked before anything is served from the cache (a hit, or joining a fill
+   * another request started). The origin authorizes misses itself.
+   * @default {() => true}
+   */
+  authorize?: AuthorizeImage;
+  /**
+   * The digest an origin answer must match before it is committed.
+   * `undefined`: no digest, the length alone is checked (unless
+   * `requireDigest`).
+   * @default {`Content-MD5` (hex or base64), else `x-image-meta-checksum`, as MD5}
+   */
+  expectedDigest?: (
+    c: Context,
+    response: Response,
+  ) => ExpectedDigest | undefined | Promise<ExpectedDigest | undefined>;
+  /**
+   * Cache only images whose origin answer announced a digest.
+   * @default {false}
+   */
+  requireDigest?: boolean;
+  /**
+   * The cache's name in the RFC 9211 `Cache-Status` header; `false` omits it.
+   * @default {"hono-image-cache"}
+   */
+  cacheStatus?: string | false;
+  /**
+   * Cache-side faults; they never fail the request.
+   * @default {console.warn}
+   */
+  onError?: (error: unknown, c?: Context) => void;
+  /**
+   * Keep filling when the last client of a fill hangs up, so the image is
+   * cached anyway. `false` stops a fill nobody reads.
+   * @default {true}
+   */
+  completeOnAbort?: boolean;
+}
+
+/**
+ * Glance's transparent image cache as a Hono middleware.
+ *
+ * A `serve` route (Glance: `GET /v1/images/{id}`, `GET /v2/images/{id}/file`)
+ * is answered from the store when the image is cached, or joins the fill
+ * under way; otherwise the request goes to the origin (the handlers after
+ * this middleware). An origin `200` with a body becomes a fill: the body
+ * streams to the client while it is written to the store, and only a
+ * complete entry whose length and digest check out is committed. An `evict`
+ * route answered 2xx removes the image.
+ *
+ * The cache never fails a request the origin alone would have served: store
+ * faults go to `onError` and the origin's answer still reaches the client.
+ *
+ * @param options The store and how to use it.
+ * @returns The middleware.
+ * @throws {TypeError} When an option has the wrong shape.
+ *
+ * @example Glance's cache in front of your routes
+ * ```ts
+ * import { Hono } from "hono";
+ * import { imageCache, MemoryStore } from "hono-image-cache";
+ * import assert from "node:assert/strict";
+ *
+ * let originReads = 0;
+ * const app = new Hono();
+ * app.use(imageCache({ store: new MemoryStore() }));
+ * app.get("/v2/images/:id/file", (c) => {
+ *   originReads++;
+ *   return c.body("bytes of " + c.req.param("id"), 200, {
+ *     "content-md5": "4e8a8bd2cc1fd2f19e4f06d8fb1ac47e",
+ *   });
+ * });
+ *
+ * const miss = await app.request("/v2/images/cirros/file");
+ * assert.equal(miss.headers.get("cache-status"), "hono-image-cache; fwd=miss; stored");
+ * assert.equal(await miss.text(), "bytes of cirros");
+ * const hit = await app.request("/v2/images/cirros/file");
+ * assert.equal(await hit.text(), "bytes of cirros");
+ * assert.equal(originReads, 1);
+ * ```
+ */
+export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
+  const store = options?.store;
+  if (store === null || typeof store !== "object" || typeof store.get !== "function") {
+    throw new TypeError(
+      `Cannot create imageCache: "store" must be an ImageStore, received ${typeof store}`,
+    );
+  }
+  const routes = checkRoutes(options.routes ?? glanceRoutes, "imageCache");
+  const authorize = checkFunction("imageCache", "authorize", options.authorize, () => true);
+  const expectedDigest = checkFunction(
+    "imageCache",
+    "expectedDigest",
+    options.expectedDigest,
+    (_c: Context, response: Response) => digestFromHeaders(response.headers),
+  );
+  const onError = checkFunction(
+    "imageCache",
+    "onError",
+    options.onError,
+    (error: unknown) => console.warn("hono-image-cache:", error),
+  );
+  const requireDigest = options.requireDigest ?? false;
+  const completeOnAbort = options.completeOnAbort ?? true;
+  const name = options.cacheStatus ?? "hono-image-cache";
+  if (name !== false && (typeof name !== "string" || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name))) {
+    throw new TypeError(
+      `Cannot create imageCache: "cacheStatus" must be a token or false, received ${
+        JSON.stringify(name)
+      }`,
+    );
+  }
+  const core = coreFor(store);
+
+  /** Sets `Cache-Status` on the response the context holds. */
+  const mark = (c: Context, params: string) => {
+    if (name === false || c.res === undefined) return;
+    const res = c.res;
+    const marked = withHeader(res, "cache-status", `${name}; ${params}`);
+    if (marked !== res) {
+      c.res = undefined;
+      c.res = marked;
+    }
+  };
+  const statusHeaders = (params: string): Record<string, string> =>
+    name === false ? {} : { "cache-status": `${name}; ${params}` };
+
+  /** `undefined` when allowed; otherwise the answer to send. */
+  const denied = async (c: Context, id: string): Promise<Response | undefined> => {
+    const verdict = await authorize(c, id);
+    if (verdict === true) return undefined;
+    if (verdict instanceof Response) return verdict;
+    return c.text("Forbidden: not allowed to read this image from the cache", 403, {
+      ...statusHeaders("detail=forbidden"),
+    });
+  };
+
+  const report = (c: Context) => (error: unknown) => {
+    try {
+      onError(error, c);
+    } catch {
+      // A throwing error handler must not fail the request either.
+    }
+  };
+
+  const join = async (c: Context, id: string, fill: Fill): Promise<Response> => {
+    const refusal = await denied(c, id);
+    if (refusal !== undefined) return refusal;
+    core.counters.coalesced++;
+    const headers = new Headers(fill.responseHeaders);
+    for (const [key, value] of Object.entries(statusHeaders("fwd=miss; collapsed"))) {
+      headers.set(key, value);
+    }
+    return c.newResponse(fillBody(fill), 200, Object.fromEntries(headers));
+  };
+
+  /** Marks a miss that is not stored. */
+  const passThrough = (c: Context, detail: string) => {
+    core.countPassThrough(detail);
+    mark(c, `fwd=miss; detail=${detail}`);
+  };
+
+  /** The origin's answer, passed through uncached. */
+  const forward = async (c: Context, next: () => Promise<void>, detail: string) => {
+    core.counters.misses++;
+    await next();
+    passThrough(c, detail);
+  };
+
+  const serve = async (
+    c: Context,
+    next: () => Promise<void>,
+    id: string,
+  ): Promise<Response | void> => {
+    const head = c.req.method === "HEAD";
+    if (!store.canHold(id)) return forward(c, next, "unsupported-id");
+    if (c.req.header("range") !== undefined) return forward(c, next, "range");
+
+    let entry;
+    try {
+      entry = await store.get(id);
+    } catch (error) {
+      report(c)(error);
+    }
+    if (entry !== undefined) {
+      const refusal = await denied(c, id);
+      if (refusal !== undefined) return refusal;
+      let body = null;
+      try {
+        if (!head && entry.size > 0) body = await store.body(entry, 0, entry.size - 1);
+      } catch (error) {
+        // The data vanished between the check and the open: serve from the origin.
+        report(c)(error);
+        entry = undefined;
+      }
+      if (entry !== undefined) {
+        store.recordHit(id);
+        core.counters.hits++;
+        if (!head) core.counters.bytesFromCache += entry.size;
+        const headers = hitHeaders(entry);
+        if (name !== false) headers.set("cache-status", `${name}; hit`);
+        return c.newResponse(body, 200, Object.fromEntries(headers));
+      }
+    }
+
+    if (head) return forward(c, next, "method");
+    const running = core.joinable(id);
+    if (running !== undefined) return join(c, id, running);
+
+    const claimed = core.claim(id);
+    if (!claimed.own) {
+      const fill = await claimed.claim.fill;
+      if (fill?.joinable) return join(c, id, fill);
+      return forward(c, next, "uncacheable");
+    }
+    const claim = claimed.claim;
+    core.counters.misses++;
+    try {
+      await next();
+    } catch (error) {
+      claim.resolve(undefined);
+      throw error;
+    }
+    const res = c.res;
+    if (res.status !== 200 || res.headers.has("content-range")) {
+      claim.resolve(undefined);
+      passThrough(c, `status-${res.status}`);
+      return;
+    }
+    let expected;
+    try {
+      expected = await expectedDigest(c, res);
+      if (expected !== undefined && !isDigestAlgorithm(expected.algorithm)) {
+        throw new TypeError(`Unsupported digest algorithm ${JSON.stringify(expected.algorithm)}`);
+      }
+    } catch (error) {
+      report(c)(error);
+      claim.resolve(undefined);
+      passThrough(c, "digest-error");
+      return;
+    }
+    if (expected === undefined && requireDigest) {
+      claim.resolve(undefined);
+      passThrough(c, "no-digest");
+      return;
+    }
+    const result = await core.startFill(id, res, {
+      expected,
+      completeOnAbort,
+      onError: report(c),
+      claim,
+    });
+    if (typeof result === "string") {
+      claim.resolve(undefined);
+      passThrough(c, result);
+      return;
+    }
+    claim.resolve(result);
+    const headers = new Headers(res.headers);
+    if (name !== false) headers.set("cache-status", `${name}; fwd=miss; stored`);
+    c.res = undefined;
+    c.res = new Response(fillBody(result), { status: 200, headers });
+  };
+
+  return async function imageCache(c, next) {
+    const match = matchRoute(routes, c.req.method, pathOf(c.req.url));
+    if (match === undefined) return next();
+    const { route, id } = match;
+    if (route.action === "serve") return serve(c, next, id);
+    await next();
+    if (c.res.status >= 200 && c.res.status < 300) {
+      try {
+        await core.evict(id);
+      } catch (error) {
+        report(c)(error);
+      }
+    }
+  };
+}
+
+/** The path of a URL as sent (still percent-encoded), without the query. */
+function pathOf(url: string): string {
+  const start = url.indexOf("/", url.indexOf("://") + 3);
+  if (start === -1) return "/";
+  const end = url.search(/[?#]/);
+  return url.slice(start, end === -1 ? undefined : end);
+}

@@ -1,0 +1,190 @@
+/**
+ * The storage contract behind {@linkcode imageCache} and {@linkcode cacheApi}.
+ *
+ * A store holds bytes and metadata only. Routes, fills, coalescing,
+ * verification, HTTP semantics and the pruning policy live once, above the
+ * store, so an implementation stays small: see {@linkcode FileSystemStore} and
+ * {@linkcode MemoryStore}.
+ *
+ * @module
+ */
+
+/** A digest algorithm the cache can verify and record. */
+export type DigestAlgorithm = "md5" | "sha256" | "sha512";
+
+/**
+ * A digest as the cache records it: an algorithm and a lower-case hex value.
+ *
+ * @example Usage
+ * ```ts
+ * import type { Digest } from "hono-image-cache";
+ * const digest: Digest = { algorithm: "md5", value: "d41d8cd98f00b204e9800998ecf8427e" };
+ * ```
+ */
+export interface Digest {
+  /** The algorithm that produced `value`. */
+  algorithm: DigestAlgorithm;
+  /** Lower-case hexadecimal digest. */
+  value: string;
+}
+
+/**
+ * A committed, verified cache entry.
+ *
+ * @example Reading an entry
+ * ```ts
+ * import { MemoryStore } from "hono-image-cache";
+ * const store = new MemoryStore();
+ * const entry = await store.get("no-such-image");
+ * if (entry !== undefined) console.log(entry.size, entry.digest.value);
+ * ```
+ */
+export interface ImageEntry {
+  /** The image id, as given by the route. */
+  id: string;
+  /** Size of the data in bytes. */
+  size: number;
+  /** Digest of the data, computed while it was filled and checked against the origin's. */
+  digest: Digest;
+  /** Origin response headers replayed on hits (content type, `x-image-meta-*`, ...). */
+  headers: Record<string, string>;
+  /** When the entry was committed, in milliseconds since the epoch. */
+  created: number;
+  /** When the entry was last served, in milliseconds since the epoch (`created` if never). */
+  lastAccessed: number;
+  /** How many requests were answered from this entry. */
+  hits: number;
+}
+
+/**
+ * What a writer is given to commit: everything of an {@linkcode ImageEntry}
+ * the fill knows.
+ */
+export type CommitInfo = Pick<ImageEntry, "size" | "digest" | "headers">;
+
+/**
+ * An exclusive writer for one image: the store's side of a fill.
+ *
+ * Only one writer per id exists at a time (across processes for stores that
+ * share a directory). Bytes written are readable with {@linkcode read} at
+ * once, and stay readable after `commit` or `abort` until `close`, so
+ * clients that trail a fill keep reading while the entry is committed.
+ *
+ * @example Writing an entry by hand
+ * ```ts
+ * import { MemoryStore } from "hono-image-cache";
+ * import assert from "node:assert/strict";
+ *
+ * const store = new MemoryStore();
+ * const writer = await store.createWriter("img");
+ * assert.ok(writer);
+ * await writer.write(new TextEncoder().encode("hello"));
+ * await writer.commit({
+ *   size: 5,
+ *   digest: { algorithm: "md5", value: "5d41402abc4b2a76b9719d911017c592" },
+ *   headers: {},
+ * });
+ * await writer.close();
+ * assert.equal((await store.get("img"))?.size, 5);
+ * ```
+ */
+export interface ImageWriter {
+  /** Appends bytes. Rejects on a store fault (ENOSPC, EIO...). */
+  write(chunk: Uint8Array): Promise<void>;
+  /**
+   * Reads up to `length` already written bytes from `position`. Works
+   * until {@linkcode close}, even after `commit` or `abort`.
+   */
+  read(position: number, length: number): Promise<Uint8Array>;
+  /** Makes the written bytes a committed entry, durably. */
+  commit(info: CommitInfo): Promise<ImageEntry>;
+  /**
+   * Gives the fill up: `"invalid"` keeps the bytes for inspection
+   * (`invalid/<id>`), `"discard"` removes them.
+   */
+  abort(reason: "invalid" | "discard"): Promise<void>;
+  /** Releases what {@linkcode read} needs. Idempotent. */
+  close(): Promise<void>;
+}
+
+/**
+ * How a store answers {@linkcode ImageStore.createWriter} when it cannot give
+ * a writer: `"busy"` when another live writer owns the id (another process),
+ * `"unsupported-id"` when the store cannot hold this id.
+ */
+export type WriterRefusal = "busy" | "unsupported-id";
+
+/** Options of {@linkcode ImageStore.createWriter}. */
+export interface CreateWriterOptions {
+  /** Announced size, when the origin sent a `Content-Length`. */
+  expectedSize?: number;
+}
+
+/** What {@linkcode ImageStore.clean} removed. */
+export interface CleanResult {
+  /** Files removed from `invalid/`. */
+  invalid: number;
+  /** Files removed from `incomplete/` (dead owner or stalled). */
+  incomplete: number;
+}
+
+/**
+ * The storage interface. Implement it to keep images somewhere else; the
+ * cache's logic stays the same.
+ *
+ * Ids are data: a store must never use an id as a raw path. `canHold(id)`
+ * says whether the id can be stored at all (too long, NUL, traversal...).
+ *
+ * @example A store is handed to the middleware
+ * ```ts
+ * import { Hono } from "hono";
+ * import { imageCache, MemoryStore, type ImageStore } from "hono-image-cache";
+ *
+ * const store: ImageStore = new MemoryStore({ maxSize: 2 ** 30 });
+ * const app = new Hono();
+ * app.use(imageCache({ store }));
+ * ```
+ */
+export interface ImageStore {
+  /** Bytes of committed data the cache may hold. */
+  readonly maxSize: number;
+  /** Whether this store can hold an image of this id. */
+  canHold(id: string): boolean;
+  /**
+   * The committed entry for `id`, after checking that its data is intact
+   * (present, and of the recorded size). A damaged entry is removed and
+   * `undefined` returned.
+   */
+  get(id: string): Promise<ImageEntry | undefined>;
+  /**
+   * A body for the bytes `start` to `end` inclusive of a committed entry, in
+   * the fastest form the runtime can send (a `Blob` on Bun, a stream
+   * elsewhere). Rejects when the data is gone.
+   */
+  body(entry: ImageEntry, start: number, end: number): Promise<ReadableStream<Uint8Array> | Blob>;
+  /** Counts one request answered from the entry and updates its last access. */
+  recordHit(id: string): void;
+  /** An exclusive writer for `id`, or why none can be had. Rejects on a store fault. */
+  createWriter(
+    id: string,
+    options?: CreateWriterOptions,
+  ): Promise<ImageWriter | WriterRefusal>;
+  /** Removes a committed entry. Resolves `true` when there was one. */
+  delete(id: string): Promise<boolean>;
+  /** Every committed entry. */
+  list(): Promise<ImageEntry[]>;
+  /** Whether a writer (any process) is filling `id` right now. */
+  isFilling(id: string): Promise<boolean>;
+  /** Removes a fill under way that no live owner holds, and the partial data of `id`. */
+  deleteIncomplete(id: string): Promise<boolean>;
+  /** Adds `id` to the prefetch queue (idempotent). */
+  enqueue(id: string): Promise<void>;
+  /** Removes `id` from the queue. Resolves `true` when it was queued. */
+  dequeue(id: string): Promise<boolean>;
+  /** Queued ids, oldest first. */
+  queued(): Promise<string[]>;
+  /** Removes invalid files and partial files whose owner is gone or that stalled. */
+  clean(): Promise<CleanResult>;
+  /** Flushes what is pending (hit counts) and stops timers. */
+  close(): Promise<void>;
+}
