@@ -1,0 +1,168 @@
+/**
+ * Test helpers shared by every suite: temporary directories, real servers on
+ * loopback for Deno, Bun and Node, and body utilities. Runtime-neutral.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+/** Runs `fn` with a fresh temporary directory, removed afterwards. */
+export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-test-"));
+  try {
+    return await fn(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Reads a body to the end, or returns the error it failed with. */
+export async function readBody(
+  res: Response,
+): Promise<{ bytes: Uint8Array; error?: unknown }> {
+  const parts: Uint8Array[] = [];
+  let length = 0;
+  const reader = res.body?.getReader();
+  if (reader === undefined) return { bytes: new Uint8Array() };
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      length += value.byteLength;
+    }
+  } catch (error) {
+    return { bytes: concat(parts, length), error };
+  }
+  return { bytes: concat(parts, length) };
+}
+
+function concat(parts: Uint8Array[], length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.byteLength;
+  }
+  return out;
+}
+
+/** Hex digest of bytes. */
+export function hexDigest(bytes: Uint8Array, algorithm = "md5"): string {
+  return createHash(algorithm).update(bytes).digest("hex");
+}
+
+/** Random-looking bytes, deterministic for a seed. */
+export function pattern(size: number, seed = 1): Uint8Array {
+  const out = new Uint8Array(size);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}
+
+/** A stream of `bytes` in chunks of `chunkSize`, waiting `delay` ms before each chunk. */
+export function slowStream(
+  bytes: Uint8Array,
+  chunkSize = 64 * 1024,
+  delay = 0,
+): ReadableStream<Uint8Array> {
+  let at = 0;
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (delay > 0) await sleep(delay);
+      if (at >= bytes.byteLength) return controller.close();
+      controller.enqueue(bytes.slice(at, at + chunkSize));
+      at += chunkSize;
+    },
+  }, { highWaterMark: 0 });
+}
+
+/** Waits `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Polls `check` every 10 ms until it holds, for at most `timeout` ms. */
+export async function waitFor(check: () => boolean | Promise<boolean>, timeout = 5000) {
+  const deadline = Date.now() + timeout;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error("Condition not met in time");
+    await sleep(10);
+  }
+}
+
+/** A server listening on loopback. */
+export interface TestServer {
+  /** `http://127.0.0.1:<port>` */
+  url: string;
+  /** Stops the server and closes its connections. */
+  close(): Promise<void>;
+}
+
+type Fetch = (request: Request) => Response | Promise<Response>;
+
+const runtime = globalThis as unknown as {
+  Deno?: {
+    serve(
+      options: { port: number; hostname: string; onListen?: () => void },
+      handler: Fetch,
+    ): { addr: { port: number }; shutdown(): Promise<void> };
+  };
+  Bun?: {
+    serve(options: { port: number; hostname: string; fetch: Fetch }): {
+      port: number;
+      stop(force?: boolean): Promise<void> | void;
+    };
+  };
+};
+
+/**
+ * Starts `fetch` (e.g. `app.fetch`) on a free loopback port with the
+ * runtime's own server: `Deno.serve`, `Bun.serve`, or `@hono/node-server`.
+ */
+export async function startServer(fetch: Fetch): Promise<TestServer> {
+  if (runtime.Deno) {
+    const ac = new AbortController();
+    const server = runtime.Deno.serve(
+      { port: 0, hostname: "127.0.0.1", onListen: () => {}, signal: ac.signal } as never,
+      fetch,
+    );
+    return {
+      url: `http://127.0.0.1:${server.addr.port}`,
+      close: async () => {
+        ac.abort();
+        await server.shutdown().catch(() => {});
+      },
+    };
+  }
+  if (runtime.Bun) {
+    const server = runtime.Bun.serve({ port: 0, hostname: "127.0.0.1", fetch });
+    return {
+      url: `http://127.0.0.1:${server.port}`,
+      close: async () => {
+        await server.stop(true);
+      },
+    };
+  }
+  const { serve } = await import("@hono/node-server");
+  return await new Promise((resolve) => {
+    const server = serve({ fetch, port: 0, hostname: "127.0.0.1" }, (info) => {
+      resolve({
+        url: `http://127.0.0.1:${info.port}`,
+        close: () =>
+          new Promise<void>((done) => {
+            (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+            server.close(() => done());
+          }),
+      });
+    });
+  });
+}
