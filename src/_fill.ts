@@ -91,6 +91,12 @@ export class Fill {
   committed: ImageEntry | undefined;
   /** Settles when the pump is done and the commit (if any) is over. Never rejects. */
   readonly done: Promise<void>;
+  /**
+   * Settles once the writer is committed or aborted, so the store's name for
+   * the image is free for a new fill. Never rejects.
+   */
+  readonly released: Promise<void>;
+  #release!: () => void;
 
   #init: FillInit;
   #hash: Hash;
@@ -115,8 +121,12 @@ export class Fill {
     this.#hash = createHash(init.expected?.algorithm ?? "md5");
     this.#source = init.source.getReader();
     this.#newTick();
-    if (!init.commit) this.#detached = "not-stored";
-    this.done = this.#pump();
+    this.released = new Promise((resolve) => this.#release = resolve);
+    if (!init.commit) {
+      this.#detached = "not-stored";
+      this.#release();
+    }
+    this.done = this.#pump().finally(() => this.#release());
   }
 
   /** Bytes received from the origin so far. */
@@ -231,6 +241,7 @@ export class Fill {
         (error) => init.onError(error),
       );
       await this.#committing;
+      this.#release();
     }
     this.state = "verified";
     this.#progress();
@@ -247,6 +258,7 @@ export class Fill {
       this.#detached = error.reason;
       await this.#init.writer.abort(error.reason === "cancelled" ? "discard" : "invalid")
         .catch((e) => this.#init.onError(e));
+      this.#release();
     }
   }
 
@@ -255,6 +267,7 @@ export class Fill {
     if (this.#detached !== undefined) return;
     this.#detached = reason;
     await this.#init.writer.abort("discard").catch((e) => this.#init.onError(e));
+    this.#release();
   }
 
   /**

@@ -53,9 +53,10 @@ export function isDigestAlgorithm(algorithm: unknown): algorithm is DigestAlgori
  * ```
  */
 export function digestFromHeaders(headers: Headers): ExpectedDigest | undefined {
-  const contentMd5 = headers.get("content-md5")?.trim();
+  // An empty header is no value at all; anything else that is not a digest is a mismatch.
+  const contentMd5 = headers.get("content-md5")?.trim() || undefined;
   if (contentMd5 !== undefined) return { algorithm: "md5", value: md5FromHeader(contentMd5) };
-  const checksum = headers.get("x-image-meta-checksum")?.trim();
+  const checksum = headers.get("x-image-meta-checksum")?.trim() || undefined;
   if (checksum !== undefined) return { algorithm: "md5", value: checksum };
   return undefined;
 }

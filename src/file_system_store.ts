@@ -51,10 +51,18 @@ export interface FileSystemStoreOptions {
    */
   stallTime?: number;
   /**
-   * Bytes to keep free on the disk.
+   * Bytes to keep free on the disk: fills evict least-recently-used
+   * entries, or pass through uncached, rather than go below it (measured
+   * with `statfs`; skipped where the runtime cannot tell).
    * @default {0}
    */
   minFree?: number;
+  /**
+   * Largest image, in bytes, the cache stores; a larger one passes through
+   * uncached (`Cache-Status: ...; detail=too-large`).
+   * @default {maxSize}
+   */
+  maxObjectSize?: number;
 }
 
 const OWNER_SUFFIX = ".owner";
@@ -114,6 +122,8 @@ export class FileSystemStore implements ImageStore {
   readonly stallTime: number;
   /** Bytes to keep free on the disk. */
   readonly minFree: number;
+  /** Largest image, in bytes, the cache stores. */
+  readonly maxObjectSize: number;
   /** The cache directory. */
   readonly directory: string;
   #token = randomUUID();
@@ -142,6 +152,12 @@ export class FileSystemStore implements ImageStore {
     this.maxSize = checkSize("FileSystemStore", "maxSize", options.maxSize, 10 * 2 ** 30);
     this.stallTime = checkSize("FileSystemStore", "stallTime", options.stallTime, 86_400_000);
     this.minFree = checkSize("FileSystemStore", "minFree", options.minFree, 0);
+    this.maxObjectSize = checkSize(
+      "FileSystemStore",
+      "maxObjectSize",
+      options.maxObjectSize,
+      this.maxSize,
+    );
     LIVE_TOKENS.add(this.#token);
     // Start now, so dead owners' leftovers go at start, not at the first request.
     this.#init().catch(() => {});
@@ -187,6 +203,7 @@ export class FileSystemStore implements ImageStore {
       this.#known.delete(id);
       return undefined;
     }
+    if (!info.isFile()) return undefined; // Never judge, let alone remove, what is not a data file.
     let known = this.#known.get(id);
     if (known === undefined || known.ino !== info.ino || known.mtimeMs !== info.mtimeMs) {
       const entry = await this.#readMeta(id, name);

@@ -50,6 +50,20 @@ function concat(parts: Uint8Array[], length: number): Uint8Array {
   return out;
 }
 
+/**
+ * Asserts two byte arrays are equal by length and digest: `deepEqual` on
+ * megabytes builds a diff that can exhaust memory.
+ */
+export function assertBytes(actual: Uint8Array, expected: Uint8Array, message?: string): void {
+  if (actual.byteLength !== expected.byteLength || hexDigest(actual) !== hexDigest(expected)) {
+    throw new Error(
+      `${message ?? "Bytes differ"}: got ${actual.byteLength} bytes (md5 ${
+        hexDigest(actual)
+      }), expected ${expected.byteLength} (md5 ${hexDigest(expected)})`,
+    );
+  }
+}
+
 /** Hex digest of bytes. */
 export function hexDigest(bytes: Uint8Array, algorithm = "md5"): string {
   return createHash(algorithm).update(bytes).digest("hex");
