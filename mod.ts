@@ -7,6 +7,8 @@
  *   stream from the origin to every client at once while one verified copy
  *   is written.
  * - {@linkcode FileSystemStore} and {@linkcode MemoryStore}: where images live.
+ * - {@linkcode cacheApi}: Glance's cache management API (list, queue,
+ *   delete, clean, prune) with a prefetcher; {@linkcode metricsText}: metrics.
  *
  * @example Quick start
  * ```ts
@@ -28,6 +30,14 @@
  */
 export { imageCache } from "./src/image_cache.ts";
 export type { AuthorizeImage, ImageCacheOptions } from "./src/image_cache.ts";
+export { cacheApi } from "./src/cache_api.ts";
+export type {
+  AuthorizeCacheAction,
+  CacheAction,
+  CacheApiOptions,
+  FetchImage,
+} from "./src/cache_api.ts";
+export { METRICS_CONTENT_TYPE, metricsText } from "./src/metrics.ts";
 export { glanceRoutes, matchRoute } from "./src/routes.ts";
 export type { ImageRoute, RouteMatch } from "./src/routes.ts";
 export { digestFromHeaders } from "./src/digest.ts";

@@ -6,8 +6,9 @@
  * @module
  */
 import { Fill, FillError } from "./_fill.ts";
+import { installPruning } from "./_prune.ts";
 import type { ExpectedDigest } from "./digest.ts";
-import type { ImageEntry, ImageStore } from "./image_store.ts";
+import type { ImageEntry, ImageStore, ImageWriter } from "./image_store.ts";
 
 /**
  * Counters of one store's cache, for metrics. Monotonic unless named as a gauge.
@@ -48,6 +49,8 @@ export interface CacheHooks {
   release?: (id: string) => void;
   /** Called after an entry is committed. */
   committed?: (entry: ImageEntry) => void | Promise<void>;
+  /** Called after {@linkcode CacheCore.evict} removed what `id` had. */
+  evicted?: (id: string) => void;
 }
 
 /** A miss whose origin answer is awaited: later requests for the image wait for it. */
@@ -69,7 +72,22 @@ export interface StartFillOptions {
   onError: (error: unknown) => void;
   /** Claim to settle with the fill (or with `undefined`). */
   claim?: Claim;
+  /**
+   * When another process is filling the image: still return a fill, one
+   * that stores nothing, so the clients waiting on this claim share one
+   * origin answer (at most one origin fetch per process).
+   */
+  shareWhenBusy?: boolean;
 }
+
+/** The writer of a fill that stores nothing. */
+const NO_WRITER: ImageWriter = {
+  write: () => Promise.reject(new Error("This fill stores nothing")),
+  read: () => Promise.reject(new Error("This fill stores nothing")),
+  commit: () => Promise.reject(new Error("This fill stores nothing")),
+  abort: () => Promise.resolve(),
+  close: () => Promise.resolve(),
+};
 
 /** Headers kept with an entry and replayed on hits. */
 const STORED_HEADERS = new Set([
@@ -189,7 +207,10 @@ export class CacheCore {
     const expectedLength = contentLength(response.headers);
     if (response.body === null) return "no-body";
     if (options.claim?.evicted) return "deleted";
-    if (this.#fills.has(id)) return "busy";
+    const previous = this.#fills.get(id);
+    if (previous?.joinable) return "busy";
+    // A fill that failed or stopped storing is letting go of the store's name: wait for it.
+    await previous?.released;
     if (expectedLength !== undefined && expectedLength > store.maxSize) return "too-large";
     const hooks = this.hooks;
     let writer;
@@ -210,9 +231,9 @@ export class CacheCore {
     }
     if (typeof writer === "string") {
       release();
-      return writer;
+      if (writer !== "busy" || !options.shareWhenBusy) return writer;
     }
-    if (options.claim?.evicted || this.#fills.has(id)) {
+    if (typeof writer === "object" && (options.claim?.evicted || this.#fills.get(id)?.joinable)) {
       release();
       await writer.abort("discard").catch(options.onError);
       await writer.close().catch(options.onError);
@@ -221,6 +242,21 @@ export class CacheCore {
     const responseHeaders = new Headers();
     for (const [name, value] of response.headers) {
       if (!NOT_FOR_JOINERS.has(name)) responseHeaders.set(name, value);
+    }
+    if (typeof writer === "string") {
+      // Another process owns the fill: pass through, shared by this process's waiters.
+      return new Fill({
+        id,
+        writer: NO_WRITER,
+        source: response.body,
+        expectedLength,
+        expected: options.expected,
+        storedHeaders: {},
+        responseHeaders,
+        completeOnAbort: false,
+        commit: false,
+        onError: options.onError,
+      });
     }
     const fill = new Fill({
       id,
@@ -258,9 +294,10 @@ export class CacheCore {
   /**
    * Deletion wins (invariant 7): the fill under way will not commit, later
    * requests do not join it, a pending claim will not be stored, and the
-   * entry, its queue marker and partial data are removed.
+   * entry, its queue marker (unless `keepQueued`) and partial data are
+   * removed. Resolves whether anything existed.
    */
-  async evict(id: string): Promise<boolean> {
+  async evict(id: string, options: { keepQueued?: boolean } = {}): Promise<boolean> {
     const claim = this.#claims.get(id);
     if (claim !== undefined) {
       claim.evicted = true;
@@ -275,8 +312,9 @@ export class CacheCore {
     }
     const store = this.store;
     if (await store.delete(id)) found = true;
-    if (await store.dequeue(id)) found = true;
+    if (!options.keepQueued && await store.dequeue(id)) found = true;
     if (await store.deleteIncomplete(id)) found = true;
+    this.hooks.evicted?.(id);
     return found;
   }
 
@@ -295,6 +333,7 @@ export function coreFor(store: ImageStore): CacheCore {
   let core = cores.get(store);
   if (core === undefined) {
     core = new CacheCore(store);
+    installPruning(core);
     cores.set(store, core);
   }
   return core;

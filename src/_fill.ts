@@ -112,6 +112,7 @@ export class Fill {
   #source: ReadableStreamDefaultReader<Uint8Array>;
   #committing: Promise<unknown> | undefined;
   #writerClosed = false;
+  #start!: () => void;
 
   constructor(init: FillInit) {
     this.id = init.id;
@@ -122,11 +123,17 @@ export class Fill {
     this.#source = init.source.getReader();
     this.#newTick();
     this.released = new Promise((resolve) => this.#release = resolve);
-    if (!init.commit) {
+    // A stored fill runs at once (a prefetch has no client). A pass-through
+    // shared by clients starts with its first client, so no byte is read
+    // before someone can take it.
+    const started = new Promise<void>((resolve) => this.#start = resolve);
+    if (init.commit) {
+      this.#start();
+    } else {
       this.#detached = "not-stored";
       this.#release();
     }
-    this.done = this.#pump().finally(() => this.#release());
+    this.done = started.then(() => this.#pump()).finally(() => this.#release());
   }
 
   /** Bytes received from the origin so far. */
@@ -137,6 +144,16 @@ export class Fill {
   /** Whether a new client may still join (the fill will commit if it verifies). */
   get joinable(): boolean {
     return this.state === "running" && this.#detached === undefined;
+  }
+
+  /**
+   * Whether a client may still join from the first byte: a stored fill
+   * while it runs, or a pass-through that has dropped nothing yet.
+   */
+  get joinableFromStart(): boolean {
+    if (this.joinable) return true;
+    return this.state === "running" && this.#detached === "not-stored" &&
+      (this.#window[0]?.offset ?? this.#written) === 0;
   }
 
   /** Whether the fill stopped storing (store fault, deletion, or never meant to). */
@@ -329,6 +346,7 @@ export class Fill {
   attach(position = 0): Reader {
     const reader = { position };
     this.#readers.add(reader);
+    this.#start();
     return reader;
   }
 

@@ -6,8 +6,9 @@
 import type { Context, MiddlewareHandler } from "hono";
 import { coreFor, type Fill } from "./_cache_core.ts";
 import { fillBody } from "./_fill.ts";
-import { hitHeaders, withHeader } from "./_http.ts";
+import { type Answer, answerBody, answerFill, answerHit, fillOpener, withHeader } from "./_http.ts";
 import { checkFunction } from "./_options.ts";
+import { type FetchImage, prefetchImage } from "./_prefetch.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
 import type { ImageStore } from "./image_store.ts";
 import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
@@ -67,6 +68,19 @@ export interface ImageCacheOptions {
    * @default {true}
    */
   completeOnAbort?: boolean;
+  /**
+   * How to fetch a whole image from the origin (the same function as
+   * `cacheApi`'s). With it, a `Range` request for an uncached image, which
+   * the origin answers and the cache does not store, also starts a
+   * background fill of the whole image (see `fillOnRange`).
+   */
+  fetchImage?: FetchImage;
+  /**
+   * Start a background fill (through `fetchImage`) when a `Range` request
+   * misses, so the next request hits.
+   * @default {true when fetchImage is given}
+   */
+  fillOnRange?: boolean;
 }
 
 /**
@@ -134,6 +148,18 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   );
   const requireDigest = options.requireDigest ?? false;
   const completeOnAbort = options.completeOnAbort ?? true;
+  const fetchImage = checkFunction("imageCache", "fetchImage", options.fetchImage, undefined);
+  const fillOnRange = options.fillOnRange ?? fetchImage !== undefined;
+  if (typeof fillOnRange !== "boolean") {
+    throw new TypeError(
+      `Cannot create imageCache: "fillOnRange" must be a boolean, received ${typeof fillOnRange}`,
+    );
+  }
+  if (fillOnRange && fetchImage === undefined) {
+    throw new TypeError(
+      `Cannot create imageCache: "fillOnRange" needs "fetchImage", received fillOnRange: true without it`,
+    );
+  }
   const name = options.cacheStatus ?? "hono-image-cache";
   if (name !== false && (typeof name !== "string" || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name))) {
     throw new TypeError(
@@ -186,6 +212,37 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     return c.newResponse(fillBody(fill), 200, Object.fromEntries(headers));
   };
 
+  /** Sends an answer computed by `answerHit` or `answerFill`. */
+  const respond = (
+    c: Context,
+    answer: Answer,
+    body: ReadableStream<Uint8Array> | Blob | string | null,
+    status: string,
+  ) => {
+    if (name !== false) answer.headers.set("cache-status", `${name}; ${status}`);
+    return c.newResponse(body, answer.status, Object.fromEntries(answer.headers));
+  };
+
+  /** A range (206 or 416) of a fill under way, once `authorize` allows it. */
+  const joinRange = async (c: Context, id: string, fill: Fill, answer: Answer) => {
+    const refusal = await denied(c, id);
+    if (refusal !== undefined) return refusal;
+    core.counters.coalesced++;
+    return respond(c, answer, await answerBody(answer, fillOpener(fill)), "fwd=miss; collapsed");
+  };
+
+  /** After a Range miss: fetch the whole image through `fetchImage`, so the next request hits. */
+  const fillInBackground = (c: Context, id: string) => {
+    const status = c.res.status;
+    if (!fillOnRange || fetchImage === undefined || core.busy(id)) return;
+    if (status >= 300 && status !== 416) return; // the origin does not have it (or refuses)
+    prefetchImage(core, id, fetchImage, {
+      onError: report(c),
+      expectedDigest: (response) => expectedDigest(c, response),
+      requireDigest,
+    }).catch(report(c));
+  };
+
   /** Marks a miss that is not stored. */
   const passThrough = (c: Context, detail: string) => {
     core.countPassThrough(detail);
@@ -206,7 +263,6 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   ): Promise<Response | void> => {
     const head = c.req.method === "HEAD";
     if (!store.canHold(id)) return forward(c, next, "unsupported-id");
-    if (c.req.header("range") !== undefined) return forward(c, next, "range");
 
     let entry;
     try {
@@ -217,32 +273,45 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (entry !== undefined) {
       const refusal = await denied(c, id);
       if (refusal !== undefined) return refusal;
+      // 200, 206, 304, 412 or 416 from metadata; HEAD, 304, 412 and 416 open no data.
+      const current = entry;
+      const answer = answerHit(current, c.req.method, c.req.raw.headers);
       let body = null;
       try {
-        if (!head && entry.size > 0) body = await store.body(entry, 0, entry.size - 1);
+        body = await answerBody(answer, (start, end) => store.body(current, start, end));
       } catch (error) {
         // The data vanished between the check and the open: serve from the origin.
         report(c)(error);
         entry = undefined;
       }
       if (entry !== undefined) {
+        // One hit per request answered from the entry, whatever its status.
         store.recordHit(id);
         core.counters.hits++;
-        if (!head) core.counters.bytesFromCache += entry.size;
-        const headers = hitHeaders(entry);
-        if (name !== false) headers.set("cache-status", `${name}; hit`);
-        return c.newResponse(body, 200, Object.fromEntries(headers));
+        core.counters.bytesFromCache += answer.length;
+        return respond(c, answer, body, "hit");
       }
     }
 
     if (head) return forward(c, next, "method");
     const running = core.joinable(id);
-    if (running !== undefined) return join(c, id, running);
+    if (running !== undefined) {
+      const answer = answerFill(running, c.req.method, c.req.raw.headers);
+      if (answer === "join") return join(c, id, running);
+      if ("forward" in answer) return forward(c, next, answer.forward);
+      return joinRange(c, id, running, answer);
+    }
+    if (c.req.method === "GET" && c.req.header("range") !== undefined) {
+      // The origin answers the range (206); it is not stored. The whole image may be fetched.
+      await forward(c, next, "range");
+      fillInBackground(c, id);
+      return;
+    }
 
     const claimed = core.claim(id);
     if (!claimed.own) {
       const fill = await claimed.claim.fill;
-      if (fill?.joinable) return join(c, id, fill);
+      if (fill?.joinableFromStart) return join(c, id, fill);
       return forward(c, next, "uncacheable");
     }
     const claim = claimed.claim;
@@ -281,6 +350,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       completeOnAbort,
       onError: report(c),
       claim,
+      shareWhenBusy: true,
     });
     if (typeof result === "string") {
       claim.resolve(undefined);
@@ -289,7 +359,11 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
     claim.resolve(result);
     const headers = new Headers(res.headers);
-    if (name !== false) headers.set("cache-status", `${name}; fwd=miss; stored`);
+    const stored = result.detached === undefined;
+    if (!stored) core.countPassThrough("busy");
+    if (name !== false) {
+      headers.set("cache-status", `${name}; fwd=miss; ${stored ? "stored" : "detail=busy"}`);
+    }
     c.res = undefined;
     c.res = new Response(fillBody(result), { status: 200, headers });
   };

@@ -22,6 +22,12 @@ export interface MemoryStoreOptions {
    * @default {1073741824} (1 GiB)
    */
   maxSize?: number;
+  /**
+   * Largest image, in bytes, the cache stores; a larger one passes through
+   * uncached (`Cache-Status: ...; detail=too-large`).
+   * @default {maxSize}
+   */
+  maxObjectSize?: number;
 }
 
 interface StoredImage {
@@ -57,16 +63,24 @@ const READ_CHUNK = 256 * 1024;
 export class MemoryStore implements ImageStore {
   /** Bytes of data the cache may hold. */
   readonly maxSize: number;
+  /** Largest image, in bytes, the cache stores. */
+  readonly maxObjectSize: number;
   #images = new Map<string, StoredImage>();
   #writers = new Set<string>();
   #queue = new Set<string>();
 
   /**
    * @param options The store's limits.
-   * @throws {RangeError} When `maxSize` is not a non-negative number.
+   * @throws {RangeError} When `maxSize` or `maxObjectSize` is not a non-negative number.
    */
   constructor(options: MemoryStoreOptions = {}) {
     this.maxSize = checkSize("MemoryStore", "maxSize", options.maxSize, 2 ** 30);
+    this.maxObjectSize = checkSize(
+      "MemoryStore",
+      "maxObjectSize",
+      options.maxObjectSize,
+      this.maxSize,
+    );
   }
 
   /** Whether this store can hold an image of this id. */

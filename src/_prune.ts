@@ -1,0 +1,329 @@
+/**
+ * The pruning policy: the cache manages its own size, without cron.
+ *
+ * - **Space is reserved when a fill starts.** A fill announcing a
+ *   `Content-Length` is admitted only when committed bytes plus every
+ *   reservation plus its own length fit in `maxSize` (after evicting
+ *   least-recently-used entries if needed), so concurrent fills cannot
+ *   overshoot `maxSize` together. A fill that cannot fit even after
+ *   eviction, or larger than `maxObjectSize`, passes through uncached.
+ * - **A commit that takes the cache over `maxSize`** (an answer without
+ *   `Content-Length`, or another process sharing the directory) evicts
+ *   least-recently-used entries at once.
+ * - **`minFree`** (a store with a `directory`): the disk keeps that many
+ *   bytes free, measured with `statfs` where the runtime has it (Deno,
+ *   Bun and Node all do); without it the check is skipped.
+ * - Least recently used: oldest `lastAccessed` first, then fewest hits,
+ *   oldest commit, id. Stores persist hits and last access, so the order
+ *   survives a restart. An entry being filled is never evicted; automatic
+ *   pruning also spares an entry served in the last second (a hit's file
+ *   may not be open yet: Bun opens it lazily).
+ *
+ * The running total of committed bytes is kept from the hooks (commit,
+ * eviction) and re-read from `store.list()` before it decides an eviction
+ * and at least every 30 seconds (other processes may share the directory).
+ *
+ * @module
+ */
+import type { CacheCore } from "./_cache_core.ts";
+import type { ImageEntry, ImageStore } from "./image_store.ts";
+
+/** Automatic pruning spares an entry served this recently (ms). */
+const SERVE_GRACE = 1_000;
+/** Running totals older than this (ms) are re-read from the store before admitting a fill. */
+const RESYNC_AFTER = 30_000;
+
+/** What a prune removed. */
+export interface PruneResult {
+  /** Entries removed. */
+  files: number;
+  /** Bytes of data removed. */
+  bytes: number;
+}
+
+/** The cache's size as the pruner sees it. */
+export interface CacheUsage {
+  /** Bytes of committed entries. */
+  bytes: number;
+  /** Committed entries. */
+  entries: number;
+  /** Bytes reserved by fills under way. */
+  reserved: number;
+}
+
+/** The optional limits a store may carry beyond `maxSize`. */
+type LimitedStore = ImageStore & {
+  readonly maxObjectSize?: number;
+  readonly minFree?: number;
+  readonly directory?: string;
+};
+
+type StatFs = (path: string) => Promise<{ bavail: number | bigint; bsize: number | bigint }>;
+/** `undefined`: not looked up yet; `null`: the runtime has no `statfs`. */
+let statfs: StatFs | null | undefined;
+
+async function loadStatfs(): Promise<StatFs | null> {
+  if (statfs !== undefined) return statfs;
+  try {
+    const fs = await import("node:fs/promises");
+    statfs = typeof fs.statfs === "function" ? (fs.statfs as unknown as StatFs) : null;
+  } catch {
+    statfs = null;
+  }
+  return statfs;
+}
+
+/** Least recently used first: last access, then hits, then commit time, then id. */
+function lruOrder(a: ImageEntry, b: ImageEntry): number {
+  return a.lastAccessed - b.lastAccessed || a.hits - b.hits || a.created - b.created ||
+    (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+/** The pruning policy of one store's core. */
+export class Pruner {
+  readonly #core: CacheCore;
+  /** Committed sizes by id, as last listed plus commits and evictions since. */
+  #sizes = new Map<string, number>();
+  #committedBytes = 0;
+  #syncedAt = -Infinity;
+  /** Bytes reserved by fills under way, by id. */
+  #reserved = new Map<string, number>();
+  #lock: Promise<unknown> = Promise.resolve();
+
+  constructor(core: CacheCore) {
+    this.#core = core;
+  }
+
+  get #store(): LimitedStore {
+    return this.#core.store as LimitedStore;
+  }
+
+  /** The largest entry the store accepts. */
+  get #maxObjectSize(): number {
+    const limit = this.#store.maxObjectSize;
+    return typeof limit === "number" ? Math.min(limit, this.#store.maxSize) : this.#store.maxSize;
+  }
+
+  /** Runs `fn` after every earlier admission or prune: decisions never interleave. */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#lock.then(fn, fn);
+    this.#lock = run.catch(() => {});
+    return run;
+  }
+
+  #setSize(id: string, size: number | undefined): void {
+    this.#committedBytes -= this.#sizes.get(id) ?? 0;
+    if (size === undefined) {
+      this.#sizes.delete(id);
+    } else {
+      this.#sizes.set(id, size);
+      this.#committedBytes += size;
+    }
+  }
+
+  /** Committed bytes plus reservations; an id both listed and reserved counts once. */
+  #usage(): number {
+    let usage = this.#committedBytes;
+    for (const [id, bytes] of this.#reserved) {
+      usage += Math.max(0, bytes - (this.#sizes.get(id) ?? 0));
+    }
+    return usage;
+  }
+
+  /** Reserved bytes not yet written to the disk (for `minFree`). */
+  #unwritten(): number {
+    let pending = 0;
+    for (const [id, bytes] of this.#reserved) {
+      pending += Math.max(0, bytes - (this.#core.joinable(id)?.written ?? 0));
+    }
+    return pending;
+  }
+
+  /** Re-reads the committed entries from the store. */
+  async #resync(): Promise<ImageEntry[]> {
+    const entries = await this.#store.list();
+    this.#sizes.clear();
+    this.#committedBytes = 0;
+    for (const entry of entries) this.#setSize(entry.id, entry.size);
+    this.#syncedAt = Date.now();
+    return entries;
+  }
+
+  /** Free bytes on the store's disk, when the store keeps `minFree` and the runtime can tell. */
+  async #freeBytes(): Promise<number | undefined> {
+    const store = this.#store;
+    if (!(typeof store.minFree === "number" && store.minFree > 0)) return undefined;
+    if (typeof store.directory !== "string") return undefined;
+    const fn = await loadStatfs();
+    if (fn === null) return undefined;
+    try {
+      const info = await fn(store.directory);
+      return Number(info.bavail) * Number(info.bsize);
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * Bytes to evict so that `need` more bytes fit: over `maxSize`, or under
+   * `minFree` on the disk. Zero when it fits.
+   */
+  #shortfall(need: number, free: number | undefined): number {
+    const over = this.#usage() + need - this.#store.maxSize;
+    const short = free === undefined
+      ? 0
+      : (this.#store.minFree ?? 0) + need + this.#unwritten() - free;
+    return Math.max(0, over, short);
+  }
+
+  /**
+   * Removes least-recently-used entries of `entries` until `needed` bytes
+   * are freed. Never one being filled; with `grace`, never one served in
+   * the last second. Does nothing when even all candidates would not free
+   * enough and `all` is false.
+   */
+  async #evict(
+    entries: ImageEntry[],
+    needed: number,
+    options: { grace: boolean; all: boolean },
+  ): Promise<PruneResult & { enough: boolean }> {
+    const core = this.#core;
+    const now = Date.now();
+    const candidates = entries.filter((entry) =>
+      !core.busy(entry.id) &&
+      !(options.grace && entry.hits > 0 && now - entry.lastAccessed < SERVE_GRACE)
+    ).sort(lruOrder);
+    const result = { files: 0, bytes: 0, enough: needed <= 0 };
+    if (result.enough) return result;
+    let available = 0;
+    for (const entry of candidates) available += entry.size;
+    if (available < needed && !options.all) return result;
+    for (const entry of candidates) {
+      if (result.bytes >= needed) break;
+      let removed = false;
+      try {
+        removed = await this.#store.delete(entry.id);
+      } catch {
+        // An entry that cannot be removed (permissions) is skipped, not retried: no loop.
+      }
+      this.#setSize(entry.id, undefined);
+      if (!removed) continue; // Gone already: a missing file frees nothing.
+      result.files++;
+      result.bytes += entry.size;
+      core.counters.evictions++;
+    }
+    result.enough = result.bytes >= needed;
+    return result;
+  }
+
+  /**
+   * Admits a fill of `expectedLength` bytes (unknown: nothing reserved),
+   * evicting least-recently-used entries to make room. Resolves a
+   * `Cache-Status` detail when it cannot fit: `too-large` (over
+   * `maxObjectSize` or `maxSize`), `no-space` (the room is held by fills
+   * under way, recently served entries, or the disk's `minFree`).
+   */
+  admit(id: string, expectedLength: number | undefined): Promise<string | undefined> {
+    const need = expectedLength ?? 0;
+    if (need > this.#maxObjectSize) return Promise.resolve("too-large");
+    return this.#exclusive(async () => {
+      if (Date.now() - this.#syncedAt > RESYNC_AFTER) await this.#resync();
+      const free = await this.#freeBytes();
+      if (this.#shortfall(need, free) > 0) {
+        // Decide on the truth, not on a running total.
+        const entries = await this.#resync();
+        const needed = this.#shortfall(need, free);
+        if (needed > 0) {
+          const { enough } = await this.#evict(entries, needed, { grace: true, all: false });
+          if (!enough) return "no-space";
+        }
+      }
+      this.#reserved.set(id, (this.#reserved.get(id) ?? 0) + need);
+      return undefined;
+    });
+  }
+
+  /** Ends the reservation of a fill that ended. */
+  release(id: string): void {
+    this.#reserved.delete(id);
+  }
+
+  /**
+   * Accounts a committed entry (its reservation becomes committed bytes)
+   * and prunes when the cache went over `maxSize`: an entry larger than
+   * allowed is removed itself, otherwise least-recently-used ones.
+   */
+  committed(entry: ImageEntry): Promise<void> {
+    // Synchronously, so no admission sees the bytes neither reserved nor committed.
+    this.#reserved.delete(entry.id);
+    this.#setSize(entry.id, entry.size);
+    const tooLarge = entry.size > this.#maxObjectSize;
+    if (!tooLarge && this.#usage() <= this.#store.maxSize) return Promise.resolve();
+    return this.#exclusive(async () => {
+      if (tooLarge) {
+        if (await this.#store.delete(entry.id).catch(() => false)) {
+          this.#core.counters.evictions++;
+        }
+        this.#setSize(entry.id, undefined);
+        return;
+      }
+      const entries = await this.#resync();
+      const over = this.#usage() - this.#store.maxSize;
+      if (over > 0) await this.#evict(entries, over, { grace: true, all: true });
+    });
+  }
+
+  /** Forgets an entry removed by `CacheCore.evict`. */
+  evicted(id: string): void {
+    this.#setSize(id, undefined);
+  }
+
+  /**
+   * Removes least-recently-used entries until committed bytes plus
+   * reservations fit in `target` bytes (default `maxSize`). Entries being
+   * filled are never removed.
+   */
+  prune(target: number = this.#store.maxSize): Promise<PruneResult> {
+    return this.#exclusive(async () => {
+      const entries = await this.#resync();
+      const over = this.#usage() - target;
+      const { files, bytes } = await this.#evict(entries, over, { grace: false, all: true });
+      return { files, bytes };
+    });
+  }
+
+  /** Committed bytes and entries (re-read when stale) and reserved bytes. */
+  usage(): Promise<CacheUsage> {
+    return this.#exclusive(async () => {
+      if (Date.now() - this.#syncedAt > RESYNC_AFTER) await this.#resync();
+      let reserved = 0;
+      for (const bytes of this.#reserved.values()) reserved += bytes;
+      return { bytes: this.#committedBytes, entries: this.#sizes.size, reserved };
+    });
+  }
+}
+
+const pruners = new WeakMap<CacheCore, Pruner>();
+
+/**
+ * Installs the default pruning policy as `core`'s hooks. Called once per
+ * core when it is created, so pruning works with `imageCache` alone.
+ */
+export function installPruning(core: CacheCore): Pruner {
+  let pruner = pruners.get(core);
+  if (pruner !== undefined) return pruner;
+  const created = new Pruner(core);
+  pruners.set(core, created);
+  const hooks = core.hooks;
+  hooks.admit = (id, expectedLength) => created.admit(id, expectedLength);
+  hooks.release = (id) => created.release(id);
+  hooks.committed = (entry) => created.committed(entry);
+  hooks.evicted = (id) => created.evicted(id);
+  pruner = created;
+  return pruner;
+}
+
+/** The pruner of `core` (installed when the core was created). */
+export function prunerOf(core: CacheCore): Pruner {
+  return installPruning(core);
+}
