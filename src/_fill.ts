@@ -183,6 +183,10 @@ export class Fill {
 
   async #pump(): Promise<void> {
     const init = this.#init;
+    // One store write in flight while the next origin chunk is read: the
+    // disk and the network overlap, and memory holds at most two chunks
+    // beyond the window.
+    let writing: Promise<void> | undefined;
     try {
       for (;;) {
         const { done, value } = await this.#source.read();
@@ -200,22 +204,15 @@ export class Fill {
           );
         }
         this.#progress();
-        if (this.#detached === undefined) {
-          try {
-            await init.writer.write(value);
-            this.#durable = this.#written;
-          } catch (error) {
-            if (this.#detached === undefined) {
-              init.onError(error);
-              await this.#detach("store-error");
-            }
-          }
-        }
+        await writing;
+        if (this.#detached === undefined) writing = this.#write(value, this.#written);
         this.#trim();
         if (this.#detached !== undefined) await this.#waitForReaders();
       }
+      await writing;
       await this.#finish();
     } catch (error) {
+      await writing;
       await this.#fail(
         error instanceof FillError
           ? error
@@ -224,6 +221,20 @@ export class Fill {
     }
     if (this.#readers.size === 0) await this.#closeWriter();
   }
+
+  /** Writes one chunk that ends at `end`; a store fault detaches the fill. Never rejects. */
+  async #write(chunk: Uint8Array, end: number): Promise<void> {
+    try {
+      await this.#init.writer.write(chunk);
+      this.#durable = end;
+    } catch (error) {
+      if (this.#detached === undefined) {
+        this.#init.onError(error);
+        await this.#detach("store-error");
+      }
+    }
+  }
+
 
   #closeWriter(): Promise<void> {
     if (this.#writerClosed) return Promise.resolve();
