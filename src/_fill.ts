@@ -235,7 +235,6 @@ export class Fill {
     }
   }
 
-
   #closeWriter(): Promise<void> {
     if (this.#writerClosed) return Promise.resolve();
     this.#writerClosed = true;

@@ -112,8 +112,9 @@ export interface ImageCacheOptions {
  * app.use(imageCache({ store: new MemoryStore() }));
  * app.get("/v2/images/:id/file", (c) => {
  *   originReads++;
+ *   // Glance sends the MD5 of the image data; the cache checks it before committing.
  *   return c.body("bytes of " + c.req.param("id"), 200, {
- *     "content-md5": "4e8a8bd2cc1fd2f19e4f06d8fb1ac47e",
+ *     "content-md5": "0da28b84f0858d5de6164849b536c2da",
  *   });
  * });
  *

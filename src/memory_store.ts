@@ -30,9 +30,15 @@ export interface MemoryStoreOptions {
   maxObjectSize?: number;
 }
 
+/** Bytes as a list of chunks, with each chunk's offset for binary search. */
+interface Chunks {
+  parts: Uint8Array[];
+  starts: number[];
+}
+
 interface StoredImage {
   entry: ImageEntry;
-  chunks: Uint8Array[];
+  chunks: Chunks;
 }
 
 const READ_CHUNK = 256 * 1024;
@@ -114,7 +120,7 @@ export class MemoryStore implements ImageStore {
     if (!this.canHold(id)) return Promise.resolve("unsupported-id");
     if (this.#writers.has(id)) return Promise.resolve("busy");
     this.#writers.add(id);
-    const chunks: Uint8Array[] = [];
+    const chunks: Chunks = { parts: [], starts: [] };
     let size = 0;
     let settled = false;
     const settle = () => {
@@ -126,7 +132,8 @@ export class MemoryStore implements ImageStore {
       write: (chunk) => {
         if (settled) return Promise.reject(new Error(`Writer for "${id}" is closed`));
         // Copy: the caller's buffer may be reused or transferred.
-        chunks.push(chunk.slice());
+        chunks.starts.push(size);
+        chunks.parts.push(chunk.slice());
         size += chunk.byteLength;
         return Promise.resolve();
       },
@@ -201,31 +208,29 @@ export class MemoryStore implements ImageStore {
   }
 }
 
-/** Bytes `start` (inclusive) to `end` (exclusive) of a chunk list, copied into one array. */
-function copyRange(chunks: readonly Uint8Array[], start: number, end: number): Uint8Array {
-  const parts: Uint8Array[] = [];
-  let offset = 0;
-  let length = 0;
-  for (const chunk of chunks) {
-    const from = Math.max(start - offset, 0);
-    const to = Math.min(end - offset, chunk.byteLength);
-    if (from < to) {
-      parts.push(chunk.subarray(from, to));
-      length += to - from;
-    }
-    offset += chunk.byteLength;
-    if (offset >= end) break;
+/** Bytes `start` (inclusive) to `end` (exclusive) of chunks, copied into one array. */
+function copyRange({ parts, starts }: Chunks, start: number, end: number): Uint8Array {
+  // Binary search for the chunk holding `start`.
+  let index = 0;
+  let high = starts.length - 1;
+  while (index < high) {
+    const mid = (index + high + 1) >> 1;
+    if (starts[mid] <= start) index = mid;
+    else high = mid - 1;
   }
-  const out = new Uint8Array(length);
+  const out = new Uint8Array(Math.max(0, end - start));
   let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.byteLength;
+  for (; index < parts.length && at < out.length; index++) {
+    const from = Math.max(start - starts[index], 0);
+    const to = Math.min(end - starts[index], parts[index].byteLength);
+    if (from >= to) continue;
+    out.set(parts[index].subarray(from, to), at);
+    at += to - from;
   }
-  return out;
+  return at === out.length ? out : out.subarray(0, at);
 }
 
-function sliceStream(chunks: readonly Uint8Array[], start: number, end: number) {
+function sliceStream(chunks: Chunks, start: number, end: number) {
   let position = start;
   return new ReadableStream<Uint8Array>({
     pull(controller) {

@@ -45,7 +45,11 @@ function slowOrigin(delay = 2, checksum = MD5) {
   return { stats, respond };
 }
 
-function cachedApp(store: ImageStore, respond: () => Response, options: Partial<ImageCacheOptions> = {}) {
+function cachedApp(
+  store: ImageStore,
+  respond: () => Response,
+  options: Partial<ImageCacheOptions> = {},
+) {
   const app = new Hono();
   app.use(imageCache({ store, onError: () => {}, ...options }));
   app.get("/v2/images/:id/file", () => respond());
@@ -106,15 +110,22 @@ for (const [kind, make] of STORES) {
         const reader = late.body!.getReader();
         const { value } = await reader.read();
         assert.ok(value && value.byteLength > 0);
-        assert.ok(origin.stats.finished === 0, "first bytes arrived while the origin was still sending");
+        assert.ok(
+          origin.stats.finished === 0,
+          "first bytes arrived while the origin was still sending",
+        );
         assert.ok(origin.stats.sent < SIZE);
-        const rest = await readBody(new Response(new ReadableStream({
-          async pull(c) {
-            const { done, value } = await reader.read();
-            if (done) c.close();
-            else c.enqueue(value);
-          },
-        })));
+        const rest = await readBody(
+          new Response(
+            new ReadableStream({
+              async pull(c) {
+                const { done, value } = await reader.read();
+                if (done) c.close();
+                else c.enqueue(value);
+              },
+            }),
+          ),
+        );
         const whole = new Uint8Array(value!.byteLength + rest.bytes.byteLength);
         whole.set(value!);
         whole.set(rest.bytes, value!.byteLength);
@@ -136,13 +147,17 @@ for (const [kind, make] of STORES) {
         assertBytes((await readBody(other)).bytes, IMAGE);
         await waitFor(async () => (await store.get("img")) !== undefined);
         // The stalled client can still read everything, from the store.
-        const rest = await readBody(new Response(new ReadableStream({
-          async pull(c) {
-            const { done, value } = await reader.read();
-            if (done) c.close();
-            else c.enqueue(value);
-          },
-        })));
+        const rest = await readBody(
+          new Response(
+            new ReadableStream({
+              async pull(c) {
+                const { done, value } = await reader.read();
+                if (done) c.close();
+                else c.enqueue(value);
+              },
+            }),
+          ),
+        );
         assert.equal(rest.error, undefined);
         assert.equal(rest.bytes.byteLength + CHUNK, SIZE);
       }),

@@ -1,12 +1,29 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { mkdir, readdir, readFile, stat, truncate, unlink, utimes, writeFile } from "node:fs/promises";
+import {
+  mkdir,
+  readdir,
+  readFile,
+  stat,
+  truncate,
+  unlink,
+  utimes,
+  writeFile,
+} from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import { Hono } from "hono";
 import { FileSystemStore, imageCache } from "hono-image-cache";
-import { assertBytes, hexDigest, pattern, readBody, slowStream, waitFor, withTempDir } from "./_helpers.ts";
+import {
+  assertBytes,
+  hexDigest,
+  pattern,
+  readBody,
+  slowStream,
+  waitFor,
+  withTempDir,
+} from "./_helpers.ts";
 
 const IMAGE = pattern(200_000, 3);
 const MD5 = hexDigest(IMAGE);
@@ -73,7 +90,11 @@ describe("FileSystemStore", () => {
         assert.equal(await store.get("img"), undefined, "a fill is never an entry");
         assertBytes(await writer.read(0, 1000), IMAGE.subarray(0, 1000));
         await writer.write(IMAGE.subarray(1000));
-        await writer.commit({ size: IMAGE.byteLength, digest: { algorithm: "md5", value: MD5 }, headers: {} });
+        await writer.commit({
+          size: IMAGE.byteLength,
+          digest: { algorithm: "md5", value: MD5 },
+          headers: {},
+        });
         await writer.close();
         assert.deepEqual(await readdir(join(dir, "incomplete")), []);
         assert.equal((await store.get("img"))?.size, IMAGE.byteLength);
@@ -254,11 +275,13 @@ describe("FileSystemStore", () => {
   it("rejects bad options with clear errors", () => {
     assert.throws(() => new FileSystemStore({} as never), {
       name: "TypeError",
-      message: 'Cannot create FileSystemStore: "directory" must be a non-empty string, received undefined',
+      message:
+        'Cannot create FileSystemStore: "directory" must be a non-empty string, received undefined',
     });
     assert.throws(() => new FileSystemStore({ directory: "/tmp/x", maxSize: -1 }), {
       name: "RangeError",
-      message: 'Cannot create FileSystemStore: "maxSize" must be a non-negative number, received -1',
+      message:
+        'Cannot create FileSystemStore: "maxSize" must be a non-negative number, received -1',
     });
     assert.throws(() => new FileSystemStore({ directory: "/tmp/x", stallTime: NaN }), RangeError);
   });

@@ -177,7 +177,10 @@ for (const [kind, make] of STORES) {
         };
         const strict = cachedApp(store, bare, { requireDigest: true });
         const res = await strict.app.request("/v2/images/strict/file");
-        assert.equal(res.headers.get("cache-status"), "hono-image-cache; fwd=miss; detail=no-digest");
+        assert.equal(
+          res.headers.get("cache-status"),
+          "hono-image-cache; fwd=miss; detail=no-digest",
+        );
         assertBytes((await readBody(res)).bytes, IMAGE);
         assert.equal(await store.get("strict"), undefined);
 
@@ -193,15 +196,23 @@ for (const [kind, make] of STORES) {
       "uses expectedDigest for SHA-256 and SHA-512",
       withStore(make, async (store) => {
         for (const algorithm of ["sha256", "sha512"] as const) {
-          const { app } = cachedApp(store, () => imageResponse(IMAGE, { "content-md5": "garbage" }), {
-            expectedDigest: () => ({ algorithm, value: hexDigest(IMAGE, algorithm) }),
-          });
+          const { app } = cachedApp(
+            store,
+            () => imageResponse(IMAGE, { "content-md5": "garbage" }),
+            {
+              expectedDigest: () => ({ algorithm, value: hexDigest(IMAGE, algorithm) }),
+            },
+          );
           const res = await app.request(`/v2/images/${algorithm}/file`);
           assertBytes((await readBody(res)).bytes, IMAGE);
           const entry = await store.get(algorithm);
           assert.deepEqual(entry?.digest, { algorithm, value: hexDigest(IMAGE, algorithm) });
           const hit = await app.request(`/v2/images/${algorithm}/file`);
-          assert.equal(hit.headers.get("content-md5"), "garbage", "the origin's header is replayed");
+          assert.equal(
+            hit.headers.get("content-md5"),
+            "garbage",
+            "the origin's header is replayed",
+          );
           assert.equal(hit.headers.get("etag"), `"${algorithm}-${entry?.digest.value}"`);
           await hit.body?.cancel();
         }
@@ -211,7 +222,10 @@ for (const [kind, make] of STORES) {
     for (
       const [name, respond] of [
         ["a bad checksum", () => imageResponse(IMAGE, { "content-md5": "foobar" })],
-        ["a wrong but well-formed checksum", () => imageResponse(IMAGE, { "content-md5": "0".repeat(32) })],
+        [
+          "a wrong but well-formed checksum",
+          () => imageResponse(IMAGE, { "content-md5": "0".repeat(32) }),
+        ],
         [
           "a body shorter than Content-Length",
           () => imageResponse(IMAGE, { "content-length": String(IMAGE.byteLength + 10) }),
@@ -283,11 +297,14 @@ for (const [kind, make] of STORES) {
       "passes 204, 206, 403, 404 and 500 through untouched and uncached",
       withStore(make, async (store) => {
         for (const status of [204, 206, 403, 404, 500]) {
-          const { app } = cachedApp(store, () =>
-            new Response(status === 204 ? null : `status ${status}`, {
-              status,
-              headers: status === 206 ? { "content-range": "bytes 0-9/100" } : {},
-            }));
+          const { app } = cachedApp(
+            store,
+            () =>
+              new Response(status === 204 ? null : `status ${status}`, {
+                status,
+                headers: status === 206 ? { "content-range": "bytes 0-9/100" } : {},
+              }),
+          );
           const res = await app.request(`/v2/images/s${status}/file`);
           assert.equal(res.status, status);
           assert.equal(

@@ -55,7 +55,10 @@ async function stop(child: Child | undefined, signal: NodeJS.Signals = "SIGKILL"
   await child.exited;
 }
 
-async function withOrigin<T>(chunkDelay: number, fn: (url: string, reads: () => number) => Promise<T>) {
+async function withOrigin<T>(
+  chunkDelay: number,
+  fn: (url: string, reads: () => number) => Promise<T>,
+) {
   const origin = demoOrigin({ images: { img: { size: SIZE } }, chunkDelay });
   await generatedDigests("img", SIZE);
   const server = await startServer(origin.app.fetch);
@@ -85,7 +88,10 @@ describe("processes sharing one cache directory", () => {
           await stop(first);
           await reader.cancel().catch(() => {});
           assert.deepEqual((await readdir(join(dir, "incomplete"))).sort(), ["img", "img.owner"]);
-          assert.deepEqual(await readdir(dir).then((n) => n.filter((x) => x.startsWith("img"))), []);
+          assert.deepEqual(
+            await readdir(dir).then((n) => n.filter((x) => x.startsWith("img"))),
+            [],
+          );
 
           const started = Date.now();
           second = await startChild(dir, originUrl);

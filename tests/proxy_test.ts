@@ -1,0 +1,692 @@
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { connect } from "node:net";
+import { gunzipSync, gzipSync } from "node:zlib";
+import { Hono } from "hono";
+import { FileSystemStore, MemoryStore } from "hono-image-cache";
+import { demoOrigin, generatedDigests, generatedImage } from "hono-image-cache/testing";
+import type { DemoImage, DemoOriginStats } from "hono-image-cache/testing";
+import { glanceAccessCheck, proxyApp, upstreamProxy } from "hono-image-cache/proxy";
+import type { AccessLogEntry, ProxyApp, ProxyAppOptions } from "hono-image-cache/proxy";
+import { assertBytes, readBody, sleep, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import type { TestServer } from "./_helpers.ts";
+
+const MiB = 2 ** 20;
+
+interface Upstream {
+  url: string;
+  stats: DemoOriginStats;
+  images: Record<string, DemoImage>;
+  /** `GET /v2/images/{id}` requests seen (the access checks). */
+  metadataCalls: () => number;
+  /** The last request headers seen by `/echo`. */
+  close(): Promise<void>;
+}
+
+interface UpstreamOptions {
+  images: Record<string, DemoImage>;
+  chunkDelay?: number;
+  /** When set, Glance-like auth: a token's readable images (`"all"`); others get 401/403. */
+  tokens?: Record<string, "all" | string[]>;
+  /** Changes the metadata the upstream announces for an image. */
+  metadata?: (id: string, fields: Record<string, unknown>) => Record<string, unknown>;
+  /** More routes, before the demo origin's. */
+  routes?: (app: Hono) => void;
+}
+
+/** A Glance-like upstream (the demo origin, plus auth and extras) on a loopback port. */
+async function startUpstream(options: UpstreamOptions): Promise<Upstream> {
+  const origin = demoOrigin({ images: options.images, chunkDelay: options.chunkDelay });
+  let metadataCalls = 0;
+  const app = new Hono();
+  app.use("/v2/images/:id", async (c, next) => {
+    if (c.req.method === "GET") metadataCalls++;
+    await next();
+  });
+  if (options.tokens !== undefined) {
+    const tokens = options.tokens;
+    const guard = async (c: import("hono").Context, next: () => Promise<void>) => {
+      const token = c.req.header("x-auth-token");
+      if (token === undefined || tokens[token] === undefined) {
+        return c.text("Authentication required", 401, {
+          "www-authenticate": "Keystone uri='http://keystone.invalid'",
+        });
+      }
+      const readable = tokens[token];
+      const id = c.req.param("id") ?? "";
+      if (readable !== "all" && !readable.includes(id)) return c.text("Forbidden", 403);
+      await next();
+    };
+    app.use("/v2/images/:id", guard);
+    app.use("/v2/images/:id/file", guard);
+  }
+  if (options.metadata !== undefined) {
+    const edit = options.metadata;
+    app.get("/v2/images/:id", async (c) => {
+      const res = await origin.app.request(c.req.raw.url);
+      if (res.status !== 200) return res;
+      return c.json(edit(c.req.param("id"), await res.json()));
+    });
+  }
+  options.routes?.(app);
+  app.route("/", origin.app);
+  const server = await startServer(app.fetch);
+  return {
+    url: server.url,
+    stats: origin.stats,
+    images: origin.images,
+    metadataCalls: () => metadataCalls,
+    close: () => server.close(),
+  };
+}
+
+interface Proxy {
+  url: string;
+  store: FileSystemStore;
+  proxy: ProxyApp;
+  logs: AccessLogEntry[];
+  errors: unknown[];
+  server: TestServer;
+}
+
+/** Runs `fn` with a caching proxy in front of `upstream`, on a loopback port. */
+function withProxy(
+  upstream: string,
+  options: Partial<ProxyAppOptions>,
+  fn: (proxy: Proxy) => Promise<void>,
+): Promise<void> {
+  return withTempDir(async (dir) => {
+    const store = new FileSystemStore({ directory: dir });
+    const logs: AccessLogEntry[] = [];
+    const errors: unknown[] = [];
+    const proxy = proxyApp({
+      upstream,
+      store,
+      onLog: (entry) => logs.push(entry),
+      onError: (error) => errors.push(error),
+      ...options,
+    });
+    const server = await startServer(proxy.fetch);
+    try {
+      await fn({ url: server.url, store, proxy, logs, errors, server });
+    } finally {
+      await server.close();
+      await proxy.settle(5000);
+      await store.close();
+    }
+  });
+}
+
+async function imageBytes(id: string, size: number): Promise<Uint8Array> {
+  return new Uint8Array(await new Response(generatedImage(id, 0, size)).arrayBuffer());
+}
+
+async function get(url: string, headers: Record<string, string> = {}) {
+  const res = await fetch(url, { headers });
+  const { bytes, error } = await readBody(res);
+  return { res, bytes, error };
+}
+
+const reader = { "x-auth-token": "reader" };
+
+describe("proxyApp in front of a real upstream", () => {
+  it("serves a miss then a hit with byte-exact bodies, reading the upstream once", async () => {
+    const upstream = await startUpstream({ images: { cirros: { size: 3 * MiB + 17 } } });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, logs }) => {
+        const expected = await imageBytes("cirros", 3 * MiB + 17);
+        const miss = await get(`${url}/v2/images/cirros/file`);
+        assert.equal(miss.res.status, 200);
+        assert.equal(miss.res.headers.get("cache-status"), "hono-image-cache; fwd=miss; stored");
+        assert.equal(miss.error, undefined);
+        assertBytes(miss.bytes, expected, "miss body");
+        await proxy.settle(5000);
+
+        const hit = await get(`${url}/v2/images/cirros/file`);
+        assert.equal(hit.res.headers.get("cache-status"), "hono-image-cache; hit");
+        assert.equal(hit.res.headers.get("content-length"), String(expected.byteLength));
+        assertBytes(hit.bytes, expected, "hit body");
+        assert.equal(upstream.stats.reads.cirros, 1);
+
+        await waitFor(() => logs.length === 2);
+        assert.deepEqual(logs.map((l) => [l.cache, l.status, l.bytes, l.outcome]), [
+          ["miss", 200, expected.byteLength, "complete"],
+          ["hit", 200, expected.byteLength, "complete"],
+        ]);
+        assert.equal(logs[0].path, "/v2/images/cirros/file");
+        assert.equal(logs[0].client, "127.0.0.1");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("verifies fills with the SHA-512 the metadata announces", async () => {
+    const upstream = await startUpstream({ images: { img: { size: MiB } } });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, store }) => {
+        await get(`${url}/v2/images/img/file`);
+        await proxy.settle(5000);
+        const { sha512 } = await generatedDigests("img", MiB);
+        assert.deepEqual((await store.get("img"))?.digest, { algorithm: "sha512", value: sha512 });
+        const hit = await get(`${url}/v2/images/img/file`);
+        assert.equal(hit.res.headers.get("etag"), `"sha512-${sha512}"`);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("does not commit a fill whose SHA-512 does not match the metadata", async () => {
+    const upstream = await startUpstream({
+      images: { bad: { size: MiB } },
+      metadata: (_id, fields) => ({ ...fields, os_hash_value: "0".repeat(128) }),
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, store }) => {
+        const first = await get(`${url}/v2/images/bad/file`);
+        assert.equal(first.res.status, 200);
+        assert.notEqual(first.error, undefined, "a mismatch must cut the connection");
+        assert.ok(first.bytes.byteLength < MiB, "never a clean end of an unverified body");
+        await proxy.settle(5000);
+        assert.equal(await store.get("bad"), undefined);
+
+        const second = await get(`${url}/v2/images/bad/file`);
+        assert.match(second.res.headers.get("cache-status") ?? "", /fwd=miss/);
+        assert.equal(upstream.stats.reads.bad, 2);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("falls back to MD5 when the metadata announces no hash", async () => {
+    const upstream = await startUpstream({
+      images: { old: { size: 1000 } },
+      metadata: (_id, { os_hash_algo: _a, os_hash_value: _v, ...rest }) => rest,
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, store }) => {
+        await get(`${url}/v2/images/old/file`);
+        await proxy.settle(5000);
+        const { md5 } = await generatedDigests("old", 1000);
+        assert.deepEqual((await store.get("old"))?.digest, { algorithm: "md5", value: md5 });
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("answers with the upstream's 401 or 403 and serves no cached bytes", async () => {
+    const upstream = await startUpstream({
+      images: { private: { size: 64 * 1024 } },
+      tokens: { reader: "all", stranger: [] },
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, logs }) => {
+        const expected = await imageBytes("private", 64 * 1024);
+        assertBytes((await get(`${url}/v2/images/private/file`, reader)).bytes, expected);
+        await proxy.settle(5000);
+
+        const stranger = await get(`${url}/v2/images/private/file`, { "x-auth-token": "stranger" });
+        assert.equal(stranger.res.status, 403);
+        assert.match(new TextDecoder().decode(stranger.bytes), /^Forbidden/);
+
+        const anonymous = await get(`${url}/v2/images/private/file`);
+        assert.equal(anonymous.res.status, 401);
+        assert.match(anonymous.res.headers.get("www-authenticate") ?? "", /Keystone/);
+        assert.ok(anonymous.bytes.byteLength < 1000);
+
+        const again = await get(`${url}/v2/images/private/file`, reader);
+        assert.equal(again.res.headers.get("cache-status"), "hono-image-cache; hit");
+        assertBytes(again.bytes, expected);
+        assert.equal(upstream.stats.reads.private, 1);
+        await waitFor(() => logs.length === 4);
+        assert.deepEqual(logs.map((l) => l.cache), ["miss", "denied", "denied", "hit"]);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("reuses an access answer per credential and image for the TTL", async () => {
+    const upstream = await startUpstream({
+      images: { img: { size: 1000 } },
+      tokens: { reader: "all", other: "all" },
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy }) => {
+        await get(`${url}/v2/images/img/file`, reader);
+        await proxy.settle(5000);
+        assert.equal(upstream.metadataCalls(), 1, "the miss asks once, alongside the download");
+        for (let i = 0; i < 3; i++) {
+          const hit = await get(`${url}/v2/images/img/file`, reader);
+          assert.equal(hit.res.headers.get("cache-status"), "hono-image-cache; hit");
+        }
+        assert.equal(upstream.metadataCalls(), 1);
+        await get(`${url}/v2/images/img/file`, { "x-auth-token": "other" });
+        assert.equal(upstream.metadataCalls(), 2, "another credential is asked again");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("does not serve a deactivated, deleted or pending_delete image from the cache", async () => {
+    const upstream = await startUpstream({ images: { img: { size: 4096 } } });
+    try {
+      await withProxy(upstream.url, { accessCheck: { ttl: 0 } }, async ({ url, proxy, store }) => {
+        await get(`${url}/v2/images/img/file`);
+        await proxy.settle(5000);
+        for (
+          const [status, code] of [["deactivated", 403], ["pending_delete", 404], ["deleted", 404]]
+        ) {
+          upstream.images.img.status = status as string;
+          const res = await get(`${url}/v2/images/img/file`);
+          assert.equal(res.res.status, code, status as string);
+          assert.ok(res.bytes.byteLength < 4096);
+          assert.match(new TextDecoder().decode(res.bytes), new RegExp(status as string));
+        }
+        assert.ok(await store.get("img"), "the entry stays: only serving it is refused");
+        upstream.images.img.status = "active";
+        const back = await get(`${url}/v2/images/img/file`);
+        assert.equal(back.res.headers.get("cache-status"), "hono-image-cache; hit");
+        assert.equal(upstream.stats.reads.img, 1);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("evicts an image deleted through the proxy", async () => {
+    const upstream = await startUpstream({
+      images: { img: { size: 4096 } },
+      tokens: { reader: "all" },
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, proxy, store }) => {
+        await get(`${url}/v2/images/img/file`, reader);
+        await proxy.settle(5000);
+        assert.ok(await store.get("img"));
+        const res = await fetch(`${url}/v2/images/img`, { method: "DELETE", headers: reader });
+        await res.body?.cancel();
+        assert.equal(res.status, 204);
+        assert.equal(await store.get("img"), undefined);
+        const after = await get(`${url}/v2/images/img/file`, reader);
+        assert.equal(after.res.status, 404, "the upstream's answer, not a cached copy");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("answers 502 when the upstream is down, and serves no cached entry unchecked", async () => {
+    const upstream = await startUpstream({ images: { img: { size: 4096 } } });
+    let closed = false;
+    try {
+      await withProxy(upstream.url, { accessCheck: { ttl: 0 } }, async ({ url, proxy, store }) => {
+        await get(`${url}/v2/images/img/file`);
+        await proxy.settle(5000);
+        await upstream.close();
+        closed = true;
+
+        const hit = await get(`${url}/v2/images/img/file`);
+        assert.equal(hit.res.status, 502);
+        assert.equal(
+          hit.res.headers.get("cache-status"),
+          "hono-image-cache; detail=access-check-failed",
+        );
+        assert.match(new TextDecoder().decode(hit.bytes), /^Bad gateway/);
+        assert.ok(await store.get("img"), "the entry is kept for when the upstream is back");
+
+        const other = await get(`${url}/v2/images`);
+        assert.equal(other.res.status, 502);
+      });
+    } finally {
+      if (!closed) await upstream.close();
+    }
+  });
+
+  it("streams an upload to the upstream untouched and unbuffered", async () => {
+    let received = 0;
+    const hash = createHash("md5");
+    const upstream = await startUpstream({
+      images: {},
+      routes: (app) =>
+        app.put("/v2/images/:id/file", async (c) => {
+          for await (const chunk of c.req.raw.body!) {
+            received += chunk.byteLength;
+            hash.update(chunk);
+          }
+          return c.json({ size: received, type: c.req.header("content-type") }, 201);
+        }),
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url }) => {
+        const sent = createHash("md5");
+        let part = 0;
+        const body = new ReadableStream<Uint8Array>({
+          async pull(controller) {
+            if (part === 8) return controller.close();
+            if (part === 1) {
+              // Only go on once the upstream has the first part: a buffering proxy never would.
+              await waitFor(() => received >= 256 * 1024, 5000);
+            }
+            const chunk = new Uint8Array(256 * 1024).fill(part + 1);
+            sent.update(chunk);
+            part++;
+            controller.enqueue(chunk);
+          },
+        }, { highWaterMark: 0 });
+        const res = await fetch(`${url}/v2/images/new/file`, {
+          method: "PUT",
+          body,
+          headers: { "content-type": "application/octet-stream" },
+          duplex: "half",
+        } as RequestInit);
+        assert.equal(res.status, 201);
+        assert.deepEqual(await res.json(), {
+          size: 8 * 256 * 1024,
+          type: "application/octet-stream",
+        });
+        assert.equal(hash.digest("hex"), sent.digest("hex"));
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("answers HEAD of an uncached image from the upstream with its length", async () => {
+    const upstream = await startUpstream({ images: { img: { size: 5000 } } });
+    try {
+      await withProxy(upstream.url, {}, async ({ url, store }) => {
+        const res = await fetch(`${url}/v2/images/img/file`, { method: "HEAD" });
+        await res.body?.cancel();
+        assert.equal(res.status, 200);
+        assert.equal(res.headers.get("content-length"), "5000");
+        assert.equal(upstream.stats.reads.img, undefined);
+        assert.equal(await store.get("img"), undefined);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+});
+
+describe("upstreamProxy", () => {
+  /** An upstream that echoes what it received. */
+  function echoRoutes(app: Hono) {
+    app.all("/echo/*", async (c) => {
+      const headers: Record<string, string> = {};
+      for (const [name, value] of c.req.raw.headers) headers[name] = value;
+      const url = new URL(c.req.url);
+      return c.json(
+        {
+          method: c.req.method,
+          path: url.pathname + url.search,
+          headers,
+          body: await c.req.text(),
+        },
+        200,
+        { "x-upstream": "yes", "keep-alive": "timeout=5", "x-drop": "1", connection: "x-drop" },
+      );
+    });
+  }
+
+  it("forwards method, path, query and headers, without hop-by-hop headers", async () => {
+    const upstream = await startUpstream({ images: {}, routes: echoRoutes });
+    try {
+      await withProxy(upstream.url, {}, async ({ url }) => {
+        const port = new URL(url).port;
+        // A raw request, so that hop-by-hop headers can be sent at all.
+        const raw = await rawRequest(
+          Number(port),
+          [
+            "POST /echo/a%20b?x=1&y=%2F HTTP/1.1",
+            `Host: 127.0.0.1:${port}`,
+            "Connection: close, X-Secret-Hop",
+            "X-Secret-Hop: 1",
+            "Keep-Alive: timeout=5",
+            "Proxy-Authorization: Basic abc",
+            "TE: trailers",
+            "X-Custom: kept",
+            "X-Forwarded-For: 10.0.0.1",
+            "Content-Type: text/plain",
+            "Content-Length: 5",
+            "",
+            "hello",
+          ].join("\r\n"),
+        );
+        assert.match(raw.head, /^HTTP\/1\.1 200/);
+        assert.match(raw.head, /x-upstream: yes/i);
+        assert.doesNotMatch(raw.head, /x-drop/i, "a header the upstream's Connection names");
+        assert.doesNotMatch(raw.head, /keep-alive: timeout/i);
+        const echo = JSON.parse(raw.body);
+        assert.equal(echo.method, "POST");
+        assert.equal(echo.path, "/echo/a%20b?x=1&y=%2F");
+        assert.equal(echo.body, "hello");
+        const headers = echo.headers as Record<string, string>;
+        assert.equal(headers["x-custom"], "kept");
+        assert.equal(headers["content-type"], "text/plain");
+        for (const name of ["x-secret-hop", "keep-alive", "proxy-authorization", "te"]) {
+          assert.equal(headers[name], undefined, name);
+        }
+        assert.equal(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert.equal(headers["x-forwarded-proto"], "http");
+        assert.equal(headers["x-forwarded-host"], `127.0.0.1:${port}`);
+        assert.equal(headers.forwarded, `for=127.0.0.1;host="127.0.0.1:${port}";proto=http`);
+        assert.equal(headers.host, new URL(upstream.url).host);
+        assert.equal(headers["accept-encoding"], "identity");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("keeps an upstream path prefix", async () => {
+    const upstream = await startUpstream({ images: {}, routes: echoRoutes });
+    try {
+      await withProxy(`${upstream.url}/echo/prefix/`, {}, async ({ url }) => {
+        const res = await fetch(`${url}/v2/images?limit=2`);
+        assert.equal((await res.json()).path, "/echo/prefix/v2/images?limit=2");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("passes redirects through, pointing them at the proxy", async () => {
+    let upstreamUrl = "";
+    const upstream = await startUpstream({
+      images: {},
+      routes: (app) => {
+        app.get("/absolute", (c) => c.redirect(`${upstreamUrl}/v2/images?marker=1`, 302));
+        app.get("/relative", (c) => c.redirect("/v2/schemas/image", 301));
+        app.get("/elsewhere", (c) => c.redirect("http://keystone.invalid/v3", 303));
+      },
+    });
+    upstreamUrl = upstream.url;
+    try {
+      await withProxy(upstream.url, {}, async ({ url }) => {
+        const cases: [string, number, string][] = [
+          ["/absolute", 302, `${url}/v2/images?marker=1`],
+          ["/relative", 301, "/v2/schemas/image"],
+          ["/elsewhere", 303, "http://keystone.invalid/v3"],
+        ];
+        for (const [path, status, location] of cases) {
+          const res = await fetch(`${url}${path}`, { redirect: "manual" });
+          await res.body?.cancel();
+          assert.equal(res.status, status, path);
+          assert.equal(res.headers.get("location"), location, path);
+        }
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+
+  it("answers 504 when the upstream sends no headers in time, never timing out a long body", async () => {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => release = resolve);
+    const upstream = await startUpstream({
+      images: {},
+      routes: (app) => {
+        app.get("/stuck", async (c) => {
+          await released;
+          return c.text("late");
+        });
+        app.get("/slow-body", (c) => {
+          let sent = 0;
+          const body = new ReadableStream<Uint8Array>({
+            async pull(controller) {
+              if (sent === 8) return controller.close();
+              await sleep(60);
+              sent++;
+              controller.enqueue(new Uint8Array(1000).fill(sent));
+            },
+          }, { highWaterMark: 0 });
+          return c.body(body, 200, { "content-length": "8000" });
+        });
+      },
+    });
+    try {
+      await withProxy(upstream.url, { headerTimeout: 200 }, async ({ url }) => {
+        const started = Date.now();
+        const stuck = await get(`${url}/stuck`);
+        assert.equal(stuck.res.status, 504);
+        assert.match(new TextDecoder().decode(stuck.bytes), /^Gateway timeout/);
+        assert.ok(Date.now() - started < 3000);
+
+        const slow = await get(`${url}/slow-body`);
+        assert.equal(slow.res.status, 200);
+        assert.equal(slow.error, undefined);
+        assert.equal(slow.bytes.byteLength, 8000, "a body longer than the header timeout");
+      });
+    } finally {
+      release();
+      await upstream.close();
+    }
+  });
+
+  it("never passes a body with the wrong Content-Encoding", async () => {
+    const upstream = await startUpstream({
+      images: {},
+      routes: (app) =>
+        app.get(
+          "/gz",
+          (c) =>
+            c.body(new Uint8Array(gzipSync(new TextEncoder().encode("plain text, decoded"))), 200, {
+              "content-encoding": "gzip",
+              "content-type": "text/plain",
+            }),
+        ),
+    });
+    try {
+      await withProxy(upstream.url, {}, async ({ url }) => {
+        const res = await fetch(`${url}/gz`, { headers: { "accept-encoding": "identity" } });
+        const bytes = new Uint8Array(await res.arrayBuffer());
+        // Passed on as it came (Deno, Bun), or decoded by fetch without its label (Node).
+        const text = new TextDecoder().decode(
+          res.headers.get("content-encoding") === "gzip" ? gunzipSync(bytes) : bytes,
+        );
+        assert.equal(text, "plain text, decoded");
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+});
+
+describe("proxy configuration", () => {
+  it("throws a TypeError for an upstream that is not an http URL", async () => {
+    const store = new MemoryStore();
+    try {
+      assert.throws(
+        () => proxyApp({ upstream: "ftp://glance", store }),
+        (error: Error) =>
+          error instanceof TypeError &&
+          error.message.startsWith('Cannot create proxyApp: "upstream" must be') &&
+          error.message.includes('"ftp://glance"'),
+      );
+      assert.throws(() => proxyApp({ upstream: "http://x", store: undefined as never }), TypeError);
+      assert.throws(() => upstreamProxy({ upstream: "glance:9292" }), TypeError);
+      assert.throws(
+        () => proxyApp({ upstream: "http://x", store, adminToken: "short" }),
+        /at least 16 characters/,
+      );
+    } finally {
+      await store.close();
+    }
+  });
+
+  it("throws a RangeError for a negative TTL or timeout", () => {
+    assert.throws(() => glanceAccessCheck({ upstream: "http://x", ttl: -1 }), RangeError);
+    assert.throws(() => upstreamProxy({ upstream: "http://x", headerTimeout: NaN }), RangeError);
+  });
+
+  it("leaves hits out of the access log when asked", async () => {
+    const upstream = await startUpstream({ images: { img: { size: 1000 } } });
+    try {
+      await withProxy(upstream.url, { logHits: false }, async ({ url, proxy, logs }) => {
+        await get(`${url}/v2/images/img/file`);
+        await proxy.settle(5000);
+        await get(`${url}/v2/images/img/file`);
+        await get(`${url}/v2/images/img`);
+        await waitFor(() => logs.length === 2);
+        await sleep(50);
+        assert.deepEqual(logs.map((l) => l.cache), ["miss", "-"]);
+      });
+    } finally {
+      await upstream.close();
+    }
+  });
+});
+
+/** Sends `request` as is over a TCP connection (`Connection: close`) and reads the answer. */
+function rawRequest(port: number, request: string): Promise<{ head: string; body: string }> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, "127.0.0.1");
+    const chunks: Uint8Array[] = [];
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error("No answer in time"));
+    }, 5000);
+    socket.on("data", (chunk: Uint8Array) => chunks.push(chunk));
+    socket.on("error", (error) => {
+      clearTimeout(timer);
+      reject(error);
+    });
+    socket.on("end", () => {
+      clearTimeout(timer);
+      socket.destroy();
+      const text = new TextDecoder().decode(
+        chunks.reduce((all, chunk) => {
+          const out = new Uint8Array(all.byteLength + chunk.byteLength);
+          out.set(all);
+          out.set(chunk, all.byteLength);
+          return out;
+        }, new Uint8Array()),
+      );
+      const split = text.indexOf("\r\n\r\n");
+      const head = text.slice(0, split);
+      let body = text.slice(split + 4);
+      if (/transfer-encoding: chunked/i.test(head)) body = dechunk(body);
+      resolve({ head, body });
+    });
+    socket.write(request);
+  });
+}
+
+function dechunk(text: string): string {
+  let out = "";
+  let at = 0;
+  for (let i = 0; i < 1000; i++) {
+    const line = text.indexOf("\r\n", at);
+    const size = parseInt(text.slice(at, line), 16);
+    if (!(size > 0)) break;
+    out += text.slice(line + 2, line + 2 + size);
+    at = line + 2 + size + 2;
+  }
+  return out;
+}
