@@ -386,6 +386,7 @@ export class Fill {
   async read(reader: Reader, position: number, end = Infinity): Promise<Uint8Array | null> {
     reader.position = position;
     for (;;) {
+      if (position >= end) return null;
       if (this.state === "failed") throw this.error;
       const stop = Math.min(end, this.#readable());
       if (position < stop) {

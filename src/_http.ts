@@ -172,37 +172,7 @@ export function answerFill(
 
 /** Reads the bytes of a fill (end inclusive), following it as it grows. */
 export function fillOpener(fill: Fill): OpenRange {
-  return (start, end) => Promise.resolve(boundedFillBody(fill, start, end + 1));
-}
-
-/**
- * `fillBody(fill, start, end)` that ends as soon as the last byte of the
- * range is delivered: the fill's own reader waits for verification before
- * it ends, even when the range stops short of the image's last byte.
- */
-function boundedFillBody(fill: Fill, start: number, end: number): ReadableStream<Uint8Array> {
-  const reader = fillBody(fill, start, end).getReader();
-  let left = end - start;
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        const { done, value } = await reader.read();
-        if (done) throw new Error(`The fill of "${fill.id}" ended ${left} bytes before the range`);
-        left -= value.byteLength;
-        controller.enqueue(value);
-      } catch (error) {
-        controller.error(error);
-        return;
-      }
-      if (left <= 0) {
-        controller.close();
-        reader.cancel().catch(() => {}); // detaches from the fill
-      }
-    },
-    cancel(reason) {
-      return reader.cancel(reason);
-    },
-  }, { highWaterMark: 0 });
+  return (start, end) => Promise.resolve(fillBody(fill, start, end + 1));
 }
 
 /**
