@@ -66,6 +66,11 @@ function asctime(ms: number): string {
   return `${weekday.slice(0, 3)} ${month} ${String(Number(day)).padStart(2, " ")} ${time} ${year}`;
 }
 
+/** The two-digit form of the year `ahead` years from now. */
+function yy(ahead: number): string {
+  return String((new Date().getUTCFullYear() + ahead) % 100).padStart(2, "0");
+}
+
 type Row = [label: string, headers: Record<string, string>, status: 200 | 206 | 304 | 412];
 
 /** RFC 9110 §13.1 and the evaluation order of §13.2.2, for a GET. */
@@ -90,6 +95,20 @@ function rows(etag: string, lastModified: string): Row[] {
     ["If-Modified-Since in asctime form", { "if-modified-since": asctime(lm) }, 304],
     ["If-Modified-Since an earlier asctime", { "if-modified-since": asctime(lm - 1000) }, 200],
     ["If-Modified-Since that is garbage", { "if-modified-since": "yesterday" }, 200],
+    ["If-Modified-Since an impossible date", {
+      "if-modified-since": "Mon, 31 Feb 2099 00:00:00 GMT",
+    }, 200],
+    ["If-Modified-Since at hour 25", { "if-modified-since": "Thu, 01 Jan 2099 25:00:00 GMT" }, 200],
+    [
+      "If-Modified-Since, RFC 850 year less than 50 years ahead: this century",
+      { "if-modified-since": `Monday, 01-Jan-${yy(10)} 00:00:00 GMT` },
+      304,
+    ],
+    [
+      "If-Modified-Since, RFC 850 year more than 50 years ahead: the past century",
+      { "if-modified-since": `Monday, 01-Jan-${yy(60)} 00:00:00 GMT` },
+      200,
+    ],
     ["If-Modified-Since in lower case", { "if-modified-since": lastModified.toLowerCase() }, 200],
     ["If-Modified-Since with two dates", { "if-modified-since": `${after}, ${after}` }, 200],
     [
