@@ -158,6 +158,22 @@ export class CacheCore {
     return fill?.joinable ? fill : undefined;
   }
 
+  /**
+   * The fill a new request for `id` may join, after checking it still holds
+   * the store's lock: another process may have deleted it (deletion wins).
+   */
+  async joinableOwned(id: string): Promise<Fill | undefined> {
+    const fill = this.joinable(id);
+    if (fill === undefined || await fill.checkOwned()) return fill;
+    if (this.#fills.get(id) === fill) this.#fills.delete(id);
+    return undefined;
+  }
+
+  /** Ids whose origin answer is awaited by a miss in this process. */
+  claimed(): string[] {
+    return [...this.#claims.keys()];
+  }
+
   /** Whether this process is filling (or about to fill) `id`. */
   busy(id: string): boolean {
     return this.#fills.has(id) || this.#claims.has(id);
@@ -311,11 +327,35 @@ export class CacheCore {
       await fill.evict();
     }
     const store = this.store;
+    // The lock first: a fill of another process then cannot commit, and what
+    // it committed before is removed next.
+    if (await store.deleteIncomplete(id)) found = true;
     if (await store.delete(id)) found = true;
     if (!options.keepQueued && await store.dequeue(id)) found = true;
-    if (await store.deleteIncomplete(id)) found = true;
     this.hooks.evicted?.(id);
     return found;
+  }
+
+  /**
+   * Evicts every image: committed entries, fills under way here or in
+   * another process, misses awaiting their origin answer. Queue markers
+   * stay with `keepQueued`. Resolves how many committed entries were removed.
+   */
+  async evictAll(options: { keepQueued?: boolean } = {}): Promise<number> {
+    const store = this.store;
+    const entries = (await store.list()).map((entry) => entry.id);
+    const ids = new Set([
+      ...entries,
+      ...this.#fills.keys(),
+      ...this.#claims.keys(),
+      ...await store.listIncomplete(),
+    ]);
+    let removed = 0;
+    const committed = new Set(entries);
+    for (const id of ids) {
+      if (await this.evict(id, options) && committed.has(id)) removed++;
+    }
+    return removed;
   }
 
   /** Waits for every fill under way (tests, shutdown). */

@@ -191,8 +191,12 @@ export class Fill {
       for (;;) {
         const { done, value } = await this.#source.read();
         // A cancelled source also ends with `done`: that is never a complete body.
-        if (this.state !== "running") return;
-        if (done) break;
+        if (this.state !== "running") break;
+        if (done) {
+          await writing;
+          await this.#finish();
+          break;
+        }
         if (value.byteLength === 0) continue;
         this.#hash.update(value);
         this.#window.push({ offset: this.#written, bytes: value });
@@ -209,8 +213,6 @@ export class Fill {
         this.#trim();
         if (this.#detached !== undefined) await this.#waitForReaders();
       }
-      await writing;
-      await this.#finish();
     } catch (error) {
       await writing;
       await this.#fail(
@@ -295,6 +297,23 @@ export class Fill {
     this.#detached = reason;
     await this.#init.writer.abort("discard").catch((e) => this.#init.onError(e));
     this.#release();
+  }
+
+  /**
+   * Whether the fill still holds the store's lock; when another process
+   * deleted it, the fill stops storing (so nobody new joins) and this
+   * resolves `false`.
+   */
+  async checkOwned(): Promise<boolean> {
+    if (!this.joinable) return false;
+    let owned = true;
+    try {
+      owned = await (this.#init.writer.owned?.() ?? true);
+    } catch {
+      owned = false;
+    }
+    if (!owned) await this.#detach("deleted");
+    return owned && this.joinable;
   }
 
   /**
@@ -388,7 +407,11 @@ export class Fill {
     for (;;) {
       if (position >= end) return null;
       if (this.state === "failed") throw this.error;
-      const stop = Math.min(end, this.#readable());
+      // Every reader's last byte waits for verification, a range's included:
+      // a client never sees a clean end of bytes that may fail it.
+      const stop = this.state === "verified"
+        ? Math.min(end, this.#written)
+        : Math.min(end - 1, this.#readable());
       if (position < stop) {
         const bytes = await this.#bytesAt(position, stop);
         reader.position = position + bytes.byteLength;

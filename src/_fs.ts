@@ -5,11 +5,9 @@
  *
  * @module
  */
-import { createReadStream } from "node:fs";
-import { open, rename, unlink, writeFile } from "node:fs/promises";
+import { type FileHandle, open, rename, unlink, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import process from "node:process";
-import { Readable } from "node:stream";
 
 /** The Node error code of a file-system error (`ENOENT`, `EEXIST`, ...), or `undefined`. */
 export function errorCode(error: unknown): string | undefined {
@@ -107,7 +105,8 @@ export function parseOwner(text: string): OwnerRecord | undefined {
   return undefined;
 }
 
-function pidAlive(pid: number): boolean {
+/** Whether a process of this host exists. */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
@@ -148,12 +147,19 @@ const runtime = globalThis as unknown as {
   Deno?: { open(path: string): Promise<DenoFile> };
 };
 
-const READ_CHUNK = 256 * 1024;
+/** Largest read of a Node file body: big reads keep the per-chunk cost of web streams low. */
+const READ_CHUNK = 512 * 1024;
+/** On Node, a range up to this size is read at once and sent as one chunk. */
+const SMALL_BODY = 256 * 1024;
 
 /**
  * Bytes `start` to `end` (inclusive) of a file, in the fastest body the
- * runtime sends: `Bun.file().slice()` (sendfile) on Bun, `Deno.open()`'s
- * stream on Deno, `fs.createReadStream` on Node.
+ * runtime sends (measured with `deno task bench`): `Bun.file().slice()` on
+ * Bun (sendfile); `Deno.open()`'s stream on Deno, which the server reads
+ * without JavaScript in between (a range that does not reach the end of the
+ * file is read in JavaScript); on Node, a stream of 512 KiB reads, or one
+ * chunk read at once for a range up to 256 KiB, about twice as fast as
+ * `fs.createReadStream` through `Readable.toWeb`.
  */
 export async function fileBody(
   path: string,
@@ -162,24 +168,74 @@ export async function fileBody(
   size: number,
 ): Promise<ReadableStream<Uint8Array> | Blob> {
   if (runtime.Bun) return runtime.Bun.file(path).slice(start, end + 1);
+  const length = Math.max(0, end + 1 - start);
   if (runtime.Deno) {
     const file = await runtime.Deno.open(path);
-    if (start === 0 && end === size - 1) return file.readable;
     try {
       if (start > 0) await file.seek(start, 0);
     } catch (error) {
       file.close();
       throw error;
     }
-    return limitedFileStream(file, end + 1 - start);
+    // `readable` reads to the end of the file: the range, when it ends at the last byte.
+    if (end === size - 1) return file.readable;
+    return limitedFileStream(file, length);
   }
-  if (end < start) return new ReadableStream({ start: (c) => c.close() });
-  const stream = createReadStream(path, { start, end, highWaterMark: READ_CHUNK });
-  await new Promise<void>((resolve, reject) => {
-    stream.once("open", () => resolve());
-    stream.once("error", reject);
-  });
-  return Readable.toWeb(stream) as unknown as ReadableStream<Uint8Array>;
+  const handle = await open(path, "r");
+  if (length <= SMALL_BODY) {
+    try {
+      const bytes = await readFully(handle, start, length);
+      return new ReadableStream<Uint8Array>({
+        start(controller) {
+          if (length > 0) controller.enqueue(bytes);
+          controller.close();
+        },
+      });
+    } finally {
+      await handle.close();
+    }
+  }
+  let position = start;
+  const stop = start + length;
+  let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    handle.close().catch(() => {});
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const bytes = await readFully(handle, position, Math.min(READ_CHUNK, stop - position));
+        position += bytes.byteLength;
+        controller.enqueue(bytes);
+        if (position >= stop) {
+          close();
+          controller.close();
+        }
+      } catch (error) {
+        close();
+        controller.error(error);
+      }
+    },
+    cancel: close,
+  }, { highWaterMark: 0 });
+}
+
+/** Reads exactly `length` bytes at `position`; rejects when the file is shorter. */
+async function readFully(
+  handle: FileHandle,
+  position: number,
+  length: number,
+): Promise<Uint8Array> {
+  const buffer = new Uint8Array(length);
+  let filled = 0;
+  while (filled < length) {
+    const { bytesRead } = await handle.read(buffer, filled, length - filled, position + filled);
+    if (bytesRead === 0) throw new Error("File ended before the requested range");
+    filled += bytesRead;
+  }
+  return buffer;
 }
 
 function limitedFileStream(file: DenoFile, length: number): ReadableStream<Uint8Array> {

@@ -19,9 +19,12 @@
  *   pruning also spares an entry served in the last second (a hit's file
  *   may not be open yet: Bun opens it lazily).
  *
- * The running total of committed bytes is kept from the hooks (commit,
- * eviction) and re-read from `store.list()` before it decides an eviction
- * and at least every 30 seconds (other processes may share the directory).
+ * The committed entries are listed once, then kept from the hooks (commit,
+ * eviction), so admitting a fill costs no I/O; they are listed again every
+ * 30 seconds (or 100 times as long as a listing takes, on a huge cache),
+ * since other processes may share the directory, and before an explicit
+ * prune. An eviction candidate is checked with `store.get()` (one `stat`)
+ * first, which also catches hits since the listing.
  *
  * @module
  */
@@ -82,10 +85,16 @@ function lruOrder(a: ImageEntry, b: ImageEntry): number {
 /** The pruning policy of one store's core. */
 export class Pruner {
   readonly #core: CacheCore;
-  /** Committed sizes by id, as last listed plus commits and evictions since. */
-  #sizes = new Map<string, number>();
+  /**
+   * Committed entries as last listed, plus commits and evictions since.
+   * Access times in it may be older than the store's: an entry is checked
+   * with `store.get()` before it is evicted.
+   */
+  #entries = new Map<string, ImageEntry>();
   #committedBytes = 0;
   #syncedAt = -Infinity;
+  /** How long the last `store.list()` took: a slow listing is repeated less often. */
+  #syncCost = 0;
   /** Bytes reserved by fills under way, by id. */
   #reserved = new Map<string, number>();
   #lock: Promise<unknown> = Promise.resolve();
@@ -111,13 +120,13 @@ export class Pruner {
     return run;
   }
 
-  #setSize(id: string, size: number | undefined): void {
-    this.#committedBytes -= this.#sizes.get(id) ?? 0;
-    if (size === undefined) {
-      this.#sizes.delete(id);
+  #set(id: string, entry: ImageEntry | undefined): void {
+    this.#committedBytes -= this.#entries.get(id)?.size ?? 0;
+    if (entry === undefined) {
+      this.#entries.delete(id);
     } else {
-      this.#sizes.set(id, size);
-      this.#committedBytes += size;
+      this.#entries.set(id, entry);
+      this.#committedBytes += entry.size;
     }
   }
 
@@ -125,7 +134,7 @@ export class Pruner {
   #usage(): number {
     let usage = this.#committedBytes;
     for (const [id, bytes] of this.#reserved) {
-      usage += Math.max(0, bytes - (this.#sizes.get(id) ?? 0));
+      usage += Math.max(0, bytes - (this.#entries.get(id)?.size ?? 0));
     }
     return usage;
   }
@@ -139,14 +148,20 @@ export class Pruner {
     return pending;
   }
 
+  /** Whether the entries should be listed again (other processes may share the directory). */
+  #stale(): boolean {
+    return Date.now() - this.#syncedAt > Math.max(RESYNC_AFTER, 100 * this.#syncCost);
+  }
+
   /** Re-reads the committed entries from the store. */
-  async #resync(): Promise<ImageEntry[]> {
+  async #resync(): Promise<void> {
+    const started = Date.now();
     const entries = await this.#store.list();
-    this.#sizes.clear();
+    this.#entries.clear();
     this.#committedBytes = 0;
-    for (const entry of entries) this.#setSize(entry.id, entry.size);
+    for (const entry of entries) this.#set(entry.id, entry);
     this.#syncedAt = Date.now();
-    return entries;
+    this.#syncCost = this.#syncedAt - started;
   }
 
   /** Free bytes on the store's disk, when the store keeps `minFree` and the runtime can tell. */
@@ -177,42 +192,72 @@ export class Pruner {
   }
 
   /**
-   * Removes least-recently-used entries of `entries` until `needed` bytes
-   * are freed. Never one being filled; with `grace`, never one served in
-   * the last second. Does nothing when even all candidates would not free
-   * enough and `all` is false.
+   * Removes least-recently-used entries until `needed()` bytes are freed.
+   * Never one being filled; with `grace`, never one served in the last
+   * second. Each victim is checked with `store.get()` first: an entry
+   * served since it was listed moves behind every entry that was not; an
+   * entry gone meanwhile (a missing file) frees 0 bytes and is forgotten.
+   * Unless `all`, removes nothing when it cannot free enough.
    */
   async #evict(
-    entries: ImageEntry[],
-    needed: number,
+    needed: () => number,
     options: { grace: boolean; all: boolean },
   ): Promise<PruneResult & { enough: boolean }> {
-    const core = this.#core;
-    const now = Date.now();
-    const candidates = entries.filter((entry) =>
-      !core.busy(entry.id) &&
-      !(options.grace && entry.hits > 0 && now - entry.lastAccessed < SERVE_GRACE)
-    ).sort(lruOrder);
-    const result = { files: 0, bytes: 0, enough: needed <= 0 };
+    const result = { files: 0, bytes: 0, enough: needed() <= 0 };
     if (result.enough) return result;
-    let available = 0;
-    for (const entry of candidates) available += entry.size;
-    if (available < needed && !options.all) return result;
-    for (const entry of candidates) {
-      if (result.bytes >= needed) break;
+    const core = this.#core;
+    const store = this.#store;
+    const now = Date.now();
+    const recent = (entry: ImageEntry) =>
+      options.grace && entry.hits > 0 && now - entry.lastAccessed < SERVE_GRACE;
+    const victims: ImageEntry[] = [];
+    const served: ImageEntry[] = [];
+    let planned = 0;
+    const order = [...this.#entries.values()].filter((entry) => !core.busy(entry.id))
+      .sort(lruOrder);
+    for (const listed of order) {
+      if (planned >= needed()) break;
+      let current;
+      try {
+        current = await store.get(listed.id);
+      } catch {
+        continue; // Cannot be judged now: not a victim.
+      }
+      if (current === undefined) {
+        this.#set(listed.id, undefined); // Gone already: frees nothing, needs less.
+        continue;
+      }
+      if (current.lastAccessed !== listed.lastAccessed || current.hits !== listed.hits) {
+        this.#set(current.id, current);
+        served.push(current); // Served since listed: newer than every unchanged entry.
+        continue;
+      }
+      if (recent(current)) continue;
+      victims.push(current);
+      planned += current.size;
+    }
+    for (const entry of served.sort(lruOrder)) {
+      if (planned >= needed()) break;
+      if (recent(entry)) continue;
+      victims.push(entry);
+      planned += entry.size;
+    }
+    if (planned < needed() && !options.all) return result;
+    for (const entry of victims) {
+      if (needed() <= 0) break;
       let removed = false;
       try {
-        removed = await this.#store.delete(entry.id);
+        removed = await store.delete(entry.id);
       } catch {
         // An entry that cannot be removed (permissions) is skipped, not retried: no loop.
       }
-      this.#setSize(entry.id, undefined);
-      if (!removed) continue; // Gone already: a missing file frees nothing.
+      this.#set(entry.id, undefined);
+      if (!removed) continue;
       result.files++;
       result.bytes += entry.size;
       core.counters.evictions++;
     }
-    result.enough = result.bytes >= needed;
+    result.enough = needed() <= 0;
     return result;
   }
 
@@ -227,16 +272,14 @@ export class Pruner {
     const need = expectedLength ?? 0;
     if (need > this.#maxObjectSize) return Promise.resolve("too-large");
     return this.#exclusive(async () => {
-      if (Date.now() - this.#syncedAt > RESYNC_AFTER) await this.#resync();
+      if (this.#stale()) await this.#resync();
       const free = await this.#freeBytes();
       if (this.#shortfall(need, free) > 0) {
-        // Decide on the truth, not on a running total.
-        const entries = await this.#resync();
-        const needed = this.#shortfall(need, free);
-        if (needed > 0) {
-          const { enough } = await this.#evict(entries, needed, { grace: true, all: false });
-          if (!enough) return "no-space";
-        }
+        const { enough } = await this.#evict(() => this.#shortfall(need, free), {
+          grace: true,
+          all: false,
+        });
+        if (!enough) return "no-space";
       }
       this.#reserved.set(id, (this.#reserved.get(id) ?? 0) + need);
       return undefined;
@@ -256,7 +299,7 @@ export class Pruner {
   committed(entry: ImageEntry): Promise<void> {
     // Synchronously, so no admission sees the bytes neither reserved nor committed.
     this.#reserved.delete(entry.id);
-    this.#setSize(entry.id, entry.size);
+    this.#set(entry.id, entry);
     const tooLarge = entry.size > this.#maxObjectSize;
     if (!tooLarge && this.#usage() <= this.#store.maxSize) return Promise.resolve();
     return this.#exclusive(async () => {
@@ -264,41 +307,42 @@ export class Pruner {
         if (await this.#store.delete(entry.id).catch(() => false)) {
           this.#core.counters.evictions++;
         }
-        this.#setSize(entry.id, undefined);
+        this.#set(entry.id, undefined);
         return;
       }
-      const entries = await this.#resync();
-      const over = this.#usage() - this.#store.maxSize;
-      if (over > 0) await this.#evict(entries, over, { grace: true, all: true });
+      const maxSize = this.#store.maxSize;
+      await this.#evict(() => this.#usage() - maxSize, { grace: true, all: true });
     });
   }
 
   /** Forgets an entry removed by `CacheCore.evict`. */
   evicted(id: string): void {
-    this.#setSize(id, undefined);
+    this.#set(id, undefined);
   }
 
   /**
    * Removes least-recently-used entries until committed bytes plus
-   * reservations fit in `target` bytes (default `maxSize`). Entries being
-   * filled are never removed.
+   * reservations fit in `target` bytes (default `maxSize`), after listing
+   * the store again. Entries being filled are never removed.
    */
   prune(target: number = this.#store.maxSize): Promise<PruneResult> {
     return this.#exclusive(async () => {
-      const entries = await this.#resync();
-      const over = this.#usage() - target;
-      const { files, bytes } = await this.#evict(entries, over, { grace: false, all: true });
+      await this.#resync();
+      const { files, bytes } = await this.#evict(() => this.#usage() - target, {
+        grace: false,
+        all: true,
+      });
       return { files, bytes };
     });
   }
 
-  /** Committed bytes and entries (re-read when stale) and reserved bytes. */
+  /** Committed bytes and entries (listed again when stale) and reserved bytes. */
   usage(): Promise<CacheUsage> {
     return this.#exclusive(async () => {
-      if (Date.now() - this.#syncedAt > RESYNC_AFTER) await this.#resync();
+      if (this.#stale()) await this.#resync();
       let reserved = 0;
       for (const bytes of this.#reserved.values()) reserved += bytes;
-      return { bytes: this.#committedBytes, entries: this.#sizes.size, reserved };
+      return { bytes: this.#committedBytes, entries: this.#entries.size, reserved };
     });
   }
 }

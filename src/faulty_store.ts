@@ -136,6 +136,7 @@ export class FaultyStore implements ImageStore {
       },
       abort: (reason) => inner.abort(reason),
       close: () => inner.close(),
+      owned: () => inner.owned?.() ?? Promise.resolve(true),
     };
   }
 
@@ -154,6 +155,10 @@ export class FaultyStore implements ImageStore {
   /** As the wrapped store. */
   deleteIncomplete(id: string): Promise<boolean> {
     return this.#inner.deleteIncomplete(id);
+  }
+  /** As the wrapped store. */
+  listIncomplete(): Promise<string[]> {
+    return this.#inner.listIncomplete();
   }
   /** As the wrapped store. */
   enqueue(id: string): Promise<void> {

@@ -20,6 +20,7 @@ import {
   ownerAlive,
   type OwnerRecord,
   parseOwner,
+  pidAlive,
   removeIfPresent,
   syncDirectory,
   writeFileAtomic,
@@ -170,6 +171,7 @@ export class FileSystemStore implements ImageStore {
         await mkdir(join(this.directory, sub), { recursive: true });
       }
       await this.#sweepIncomplete(false);
+      await this.#sweepTemporary();
     })().catch((error) => {
       this.#ready = undefined;
       throw error;
@@ -383,6 +385,13 @@ export class FileSystemStore implements ImageStore {
     await removeIfPresent(ownerPath);
   }
 
+  /** Whether `writer` still holds its lock (another process may have deleted the fill). */
+  async _owns(writer: FileWriter): Promise<boolean> {
+    const ownerPath = this.#path("incomplete", writer.name + OWNER_SUFFIX);
+    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
+    return current?.token === this.#token && current.started === writer.owner.started;
+  }
+
   /** Refreshes the heartbeat of a live fill. */
   async _heartbeat(writer: FileWriter): Promise<void> {
     const now = new Date();
@@ -433,6 +442,19 @@ export class FileSystemStore implements ImageStore {
     return data || owner;
   }
 
+  /** Ids with partial data in `incomplete/`. */
+  async listIncomplete(): Promise<string[]> {
+    await this.#init();
+    const ids = new Set<string>();
+    for (const file of await readdir(this.#path("incomplete"))) {
+      const id = idForFileName(
+        file.endsWith(OWNER_SUFFIX) ? file.slice(0, -OWNER_SUFFIX.length) : file,
+      );
+      if (id !== undefined) ids.add(id);
+    }
+    return [...ids];
+  }
+
   /** Queues `id` (a `queue/<id>` marker holding the time it was queued). */
   async enqueue(id: string): Promise<void> {
     const name = fileNameForId(id);
@@ -479,7 +501,28 @@ export class FileSystemStore implements ImageStore {
       if (await removeIfPresent(this.#path("invalid", name)).catch(() => false)) invalid++;
     }
     const incomplete = await this.#sweepIncomplete(true);
+    await this.#sweepTemporary();
     return { invalid, incomplete };
+  }
+
+  /**
+   * Removes metadata temporary files (`<name>.json.<pid>-<n>.tmp`) that a
+   * killed process left: its pid is gone, or the file is over a minute old.
+   */
+  async #sweepTemporary(): Promise<void> {
+    const now = Date.now();
+    for (const file of await readdir(this.directory)) {
+      const match = /\.(\d+)-\d+\.tmp$/.exec(file);
+      if (match === null) continue;
+      const path = this.#path(file);
+      try {
+        const pid = Number(match[1]);
+        const dead = pid !== process.pid && !pidAlive(pid);
+        if (dead || now - (await stat(path)).mtimeMs > 60_000) await removeIfPresent(path);
+      } catch {
+        // Judged again at the next sweep.
+      }
+    }
   }
 
   /** Removes partial files of dead owners; with `byAge`, also unowned files older than `stallTime`. */
@@ -598,6 +641,10 @@ class FileWriter implements ImageWriter {
     this.#settle();
     await this.#handle.close().catch(() => {});
     await this.#store._abort(this, reason);
+  }
+
+  owned(): Promise<boolean> {
+    return this.#store._owns(this);
   }
 
   async close(): Promise<void> {

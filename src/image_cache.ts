@@ -295,7 +295,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
 
     if (head) return forward(c, next, "method");
-    const running = core.joinable(id);
+    const running = await core.joinableOwned(id);
     if (running !== undefined) {
       const answer = answerFill(running, c.req.method, c.req.raw.headers);
       if (answer === "join") return join(c, id, running);

@@ -105,6 +105,12 @@ export interface ImageWriter {
   abort(reason: "invalid" | "discard"): Promise<void>;
   /** Releases what {@linkcode read} needs. Idempotent. */
   close(): Promise<void>;
+  /**
+   * Whether this writer still holds its lock. A store shared by processes
+   * answers `false` once another process deleted the fill; the cache then
+   * lets no new client join it. Absent: always owned.
+   */
+  owned?(): Promise<boolean>;
 }
 
 /**
@@ -175,8 +181,13 @@ export interface ImageStore {
   list(): Promise<ImageEntry[]>;
   /** Whether a writer (any process) is filling `id` right now. */
   isFilling(id: string): Promise<boolean>;
-  /** Removes a fill under way that no live owner holds, and the partial data of `id`. */
+  /**
+   * Removes the partial data of `id`, even a live fill's (that fill then
+   * cannot commit: deletion wins). Resolves `true` when there was some.
+   */
   deleteIncomplete(id: string): Promise<boolean>;
+  /** Ids with partial data (fills under way, in any process, or left by dead ones). */
+  listIncomplete(): Promise<string[]>;
   /** Adds `id` to the prefetch queue (idempotent). */
   enqueue(id: string): Promise<void>;
   /** Removes `id` from the queue. Resolves `true` when it was queued. */

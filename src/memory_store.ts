@@ -175,6 +175,11 @@ export class MemoryStore implements ImageStore {
     return Promise.resolve(this.#writers.has(id));
   }
 
+  /** Ids being written. */
+  listIncomplete(): Promise<string[]> {
+    return Promise.resolve([...this.#writers]);
+  }
+
   /** Memory has no partial data without a live writer: nothing to remove. */
   deleteIncomplete(_id: string): Promise<boolean> {
     return Promise.resolve(false);

@@ -34,6 +34,7 @@ import { type Context, type Handler, Hono, type MiddlewareHandler } from "hono";
 import { coreFor } from "./_cache_core.ts";
 import { checkFunction, checkSize } from "./_options.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
+import { type AuthorizeCacheAction, cacheApi } from "./cache_api.ts";
 import { type AuthorizeImage, imageCache } from "./image_cache.ts";
 import type { ImageStore } from "./image_store.ts";
 import { glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
@@ -51,17 +52,19 @@ const HOP_BY_HOP = new Set([
   "upgrade",
 ]);
 
+/** Methods `fetch` refuses to send. */
+const FORBIDDEN_METHODS = new Set(["CONNECT", "TRACE", "TRACK"]);
+
 /** Content codings a `fetch` may decode by itself. */
 const DECODED_CODINGS = new Set(["gzip", "x-gzip", "deflate", "br", "zstd"]);
 
 /**
  * Whether this runtime's `fetch` decodes a compressed answer whatever the
- * request asked: Node's does; Deno's does not once the request said
- * `Accept-Encoding: identity`, Bun's not with `decompress: false`. The
- * upstream is asked for `identity`, so this only matters for one that
- * compresses anyway.
+ * request asked: Node's and Bun's do; Deno's does not once the request said
+ * `Accept-Encoding: identity`. The upstream is asked for `identity`, so this
+ * only matters for one that compresses anyway.
  */
-const FETCH_DECODES = !("Deno" in globalThis) && !("Bun" in globalThis);
+const FETCH_DECODES = !("Deno" in globalThis);
 
 /** Options of {@linkcode upstreamProxy}. */
 export interface UpstreamProxyOptions {
@@ -99,8 +102,9 @@ export interface UpstreamProxyOptions {
  *   stream).
  * - The upstream is asked for `Accept-Encoding: identity` (a `fetch` may
  *   decode a compressed answer by itself). An upstream that compresses
- *   anyway: its body is passed on as it came, or, where `fetch` decoded it
- *   (Node), without the `Content-Encoding`: never a mislabelled body.
+ *   anyway: its body is passed on as it came (Deno), or, where `fetch`
+ *   decoded it (Node, Bun), without the `Content-Encoding`: never a
+ *   mislabelled body.
  * - Redirects are passed through (`redirect: "manual"`); a `Location` that
  *   points into the upstream is rewritten to point at this proxy.
  * - Cannot connect → `502`; no response headers within `headerTimeout` →
@@ -144,6 +148,10 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
 
   return async function upstreamProxy(c: Context): Promise<Response> {
     const incoming = c.req.raw;
+    if (FORBIDDEN_METHODS.has(incoming.method)) {
+      // fetch cannot send these (and TRACE would echo credentials back).
+      return c.text(`Method not allowed through this proxy: ${incoming.method}`, 405);
+    }
     const url = c.req.url;
     const pathAndQuery = pathAndQueryOf(url);
     const target = base.origin + basePath + pathAndQuery;
@@ -184,7 +192,6 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
           redirect: "manual",
           signal: ac.signal,
           duplex: "half",
-          decompress: false, // Bun: pass a compressed body as it came
         } as RequestInit),
       );
     } catch (error) {
@@ -632,12 +639,20 @@ export interface AccessLogEntry {
    * image request).
    */
   cache: string;
-  /** Body bytes sent to the client. */
-  bytes: number;
+  /**
+   * Body bytes sent to the client; `undefined` when not known (a hit the
+   * client hung up on, on Deno, where hit bodies are not wrapped to be
+   * counted).
+   */
+  bytes: number | undefined;
   /** Milliseconds from the request to the end of the body. */
   durationMs: number;
-  /** How the body ended: sent in full, the client hung up, or it failed (a cut connection). */
-  outcome: "complete" | "aborted" | "error";
+  /**
+   * How the body ended: sent in full, the client hung up, or it failed (a
+   * cut connection). `sent`: a hit handed to a server that does not report
+   * delivery (Bun); logged at once.
+   */
+  outcome: "complete" | "aborted" | "error" | "sent";
 }
 
 /**
@@ -647,7 +662,7 @@ export interface AccessLogEntry {
  * @param entry The request.
  * @returns The line, without a newline.
  *
- * @example
+ * @example One line per request
  * ```ts
  * import { formatAccessLog } from "hono-image-cache/proxy";
  * import assert from "node:assert/strict";
@@ -664,7 +679,9 @@ export interface AccessLogEntry {
  */
 export function formatAccessLog(entry: AccessLogEntry): string {
   const seconds = entry.durationMs / 1000;
-  const rate = seconds > 0 ? (entry.bytes / 2 ** 20 / seconds).toFixed(1) : "-";
+  const rate = seconds > 0 && entry.bytes !== undefined
+    ? (entry.bytes / 2 ** 20 / seconds).toFixed(1)
+    : "-";
   return [
     entry.time.toISOString(),
     `client=${entry.client ?? "-"}`,
@@ -672,7 +689,7 @@ export function formatAccessLog(entry: AccessLogEntry): string {
     `path=${JSON.stringify(entry.path)}`,
     `status=${entry.status}`,
     `cache=${entry.cache}`,
-    `bytes=${entry.bytes}`,
+    `bytes=${entry.bytes ?? "-"}`,
     `ms=${entry.durationMs.toFixed(1)}`,
     `MiB/s=${rate}`,
     `end=${entry.outcome}`,
@@ -704,16 +721,21 @@ function accessLog(
     const cache = cacheWord(res.headers.get("cache-status"));
     if (!logHits && cache === "hit") return;
     let bytes = 0;
+    let bytesKnown = true;
+    // Read now: Deno's request is gone once the response has been sent.
+    const client = clientAddress(c);
+    const method = c.req.method;
+    const path = pathOf(c.req.url);
     const log = (outcome: AccessLogEntry["outcome"]) => {
       try {
         onLog({
           time,
-          client: clientAddress(c),
-          method: c.req.method,
-          path: pathOf(c.req.url),
+          client,
+          method,
+          path,
           status: res.status,
           cache,
-          bytes,
+          bytes: bytesKnown ? bytes : undefined,
           durationMs: performance.now() - start,
           outcome,
         });
@@ -722,6 +744,29 @@ function accessLog(
       }
     };
     if (res.body === null) return log("complete");
+    const length = res.headers.get("content-length");
+    const announced = length === null ? -1 : Number(length);
+    // A hit keeps its file-backed body: the runtime sends it without a round trip through
+    // JavaScript per chunk (Deno), with sendfile and its Content-Length (Bun). Wrapping it
+    // to count would lose that (it halved the throughput of large hits on Deno). The
+    // server says when it was delivered where it can; Bun cannot, so its hits are logged
+    // as "sent" when handed over.
+    if (cache === "hit" && announced >= 0) {
+      const delivered = deliveryOf(c);
+      if (delivered === undefined) {
+        bytes = announced;
+        log("sent");
+        return;
+      }
+      delivered.then(() => {
+        bytes = announced;
+        log("complete");
+      }, () => {
+        bytesKnown = false;
+        log("aborted");
+      });
+      return;
+    }
     const reader = res.body.getReader();
     let ended = false;
     const end = (outcome: AccessLogEntry["outcome"]) => {
@@ -748,7 +793,8 @@ function accessLog(
         controller.enqueue(result.value);
       },
       cancel(reason) {
-        end("aborted");
+        // A server may cancel the body once it sent `Content-Length` bytes (Deno does).
+        end(bytes === announced ? "complete" : "aborted");
         return reader.cancel(reason);
       },
     }, { highWaterMark: 0 });
@@ -756,13 +802,6 @@ function accessLog(
     c.res = new Response(counted, res);
   };
 }
-
-/** Decides whether a request may use the management API. */
-export type AuthorizeAdmin = (
-  c: Context,
-  action: string,
-  imageId?: string,
-) => boolean | Response | Promise<boolean | Response>;
 
 /**
  * An admin check for the management API: the request must carry `token` as
@@ -774,7 +813,7 @@ export type AuthorizeAdmin = (
  *   `403` with a wrong one.
  * @throws {TypeError} When `token` is not a string of at least 16 characters.
  *
- * @example
+ * @example Guarding a route with the admin token
  * ```ts
  * import { Hono } from "hono";
  * import { adminTokenCheck } from "hono-image-cache/proxy";
@@ -795,7 +834,7 @@ export type AuthorizeAdmin = (
  * await no.body?.cancel();
  * ```
  */
-export function adminTokenCheck(token: string): AuthorizeAdmin {
+export function adminTokenCheck(token: string): AuthorizeCacheAction {
   if (typeof token !== "string" || token.length < 16) {
     throw new TypeError(
       `Cannot create adminTokenCheck: "token" must be a string of at least 16 characters, received ${
@@ -839,12 +878,16 @@ export interface ProxyAppOptions {
    */
   adminToken?: string;
   /** Mounts the management API behind this decision instead of a token. */
-  authorizeAdmin?: AuthorizeAdmin;
+  authorizeAdmin?: AuthorizeCacheAction;
   /**
-   * The credential prefetches (`PUT /v2/cache/{id}`) use to download from
-   * the upstream, sent as `X-Auth-Token`.
+   * The credential (`X-Auth-Token`) the cache downloads with when no client
+   * is there: prefetches (`PUT /v2/cache/{id}`) and the background fill a
+   * `Range` miss starts. Without it, prefetches go without credentials
+   * (enough for an origin without authentication) and `Range` misses start
+   * no background fill. A function is asked before each download, so a
+   * token that expires (Keystone's do) can be renewed without a restart.
    */
-  serviceToken?: string;
+  serviceToken?: string | (() => string | Promise<string>);
   /**
    * Prefetches at once.
    * @default {2}
@@ -889,6 +932,8 @@ export interface ProxyApp {
   readonly fetch: (request: Request, env?: unknown) => Response | Promise<Response>;
   /** Whether the management API is mounted. */
   readonly managed: boolean;
+  /** Stops the background work (prefetch worker, cleaning timer); prefetches under way are aborted. */
+  close(): void;
   /** Ids of the fills under way. */
   filling(): string[];
   /**
@@ -946,6 +991,15 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
   const send = checkFunction(owner, "fetch", options.fetch, (request: Request) => fetch(request));
   const headerTimeout = checkSize(owner, "headerTimeout", options.headerTimeout, 30_000);
   const onLog = checkFunction(owner, "onLog", options.onLog, undefined);
+  const serviceToken = options.serviceToken;
+  if (
+    serviceToken !== undefined && typeof serviceToken !== "function" &&
+    (typeof serviceToken !== "string" || !/^[\x21-\x7e]+$/.test(serviceToken))
+  ) {
+    throw new TypeError(
+      `Cannot create ${owner}: "serviceToken" must be a non-empty string of printable ASCII or a function, received ${typeof serviceToken}`,
+    );
+  }
   const authorizeAdmin = options.authorizeAdmin !== undefined
     ? checkFunction(owner, "authorizeAdmin", options.authorizeAdmin, undefined)
     : options.adminToken !== undefined
@@ -970,11 +1024,55 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     app.use(access.middleware);
   }
 
-  // TODO(issue 6): mount `cacheApi({ store, authorize: authorizeAdmin, fetchImage,
-  // prefetchConcurrency })` here once src/cache_api.ts exists; `fetchImage` downloads
-  // `/v2/images/{id}/file` from the upstream with `serviceToken` as `X-Auth-Token`.
-  const managed = false;
-  void authorizeAdmin;
+  // Downloads without a client (prefetch, the background fill of a Range miss): with
+  // the service token, and verified with the metadata's digest that credential sees.
+  const serviceDigests = new WeakMap<Response, ExpectedDigest>();
+  const basePath = upstream.pathname.replace(/\/+$/, "");
+  const fetchImage = async (imageId: string, signal: AbortSignal): Promise<Response> => {
+    const serviceHeaders = new Headers({ "accept-encoding": "identity" });
+    const token = typeof serviceToken === "function" ? await serviceToken() : serviceToken;
+    if (token !== undefined && token !== "") serviceHeaders.set("x-auth-token", token.trim());
+    const metadata = access?.check(
+      new Request(`${upstream.origin}/`, { headers: serviceHeaders }),
+      imageId,
+    );
+    const response = await send(
+      new Request(`${upstream.origin}${basePath}/v2/images/${encodeURIComponent(imageId)}/file`, {
+        headers: serviceHeaders,
+        signal,
+        redirect: "manual",
+      }),
+    );
+    // A Response of the global class: @hono/node-server replaces the global `Response`,
+    // and `fetch` still makes undici's (the cache checks `instanceof Response`).
+    const answer: Response = response instanceof Response
+      ? response
+      : new Response((response as Response).body, response as Response);
+    const verdict = await metadata;
+    if (verdict?.allowed && verdict.digest !== undefined) {
+      serviceDigests.set(answer, verdict.digest);
+    }
+    return answer;
+  };
+  const serviceDigest = (response: Response) =>
+    serviceDigests.get(response) ?? digestFromHeaders(response.headers);
+
+  const background = new AbortController();
+  const managed = authorizeAdmin !== undefined;
+  if (authorizeAdmin !== undefined) {
+    app.route(
+      "/",
+      cacheApi({
+        store,
+        authorize: authorizeAdmin,
+        fetchImage,
+        expectedDigest: serviceDigest,
+        prefetchConcurrency: options.prefetchConcurrency,
+        onError: options.onError,
+        signal: background.signal,
+      }),
+    );
+  }
 
   app.use(imageCache({
     store,
@@ -982,6 +1080,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     authorize: access?.authorize,
     expectedDigest: access?.expectedDigest,
     onError: options.onError,
+    fetchImage: serviceToken === undefined ? undefined : fetchImage,
   }));
   app.all("*", upstreamProxy({ upstream, headerTimeout, fetch: send }));
 
@@ -990,6 +1089,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     app,
     fetch: app.fetch,
     managed,
+    close: () => background.abort(),
     filling: () => core.filling(),
     async settle(timeout: number) {
       let timer: ReturnType<typeof setTimeout> | undefined;
@@ -1118,6 +1218,31 @@ function responseHeaders(
     }
   }
   return headers;
+}
+
+/**
+ * Settles when the server has delivered the response (rejects when it could
+ * not), from whichever server runs the app: Deno's `info.completed`, the
+ * Node response's `finish` / `close` events; `undefined` elsewhere (Bun).
+ */
+function deliveryOf(c: Context): Promise<void> | undefined {
+  const env = c.env as Record<string, unknown> | undefined;
+  if (env === null || typeof env !== "object") return undefined;
+  if (env.completed instanceof Promise) return env.completed as Promise<void>;
+  const outgoing = env.outgoing as {
+    writableFinished?: boolean;
+    once?: (event: string, listener: () => void) => void;
+  } | undefined;
+  if (typeof outgoing?.once === "function") {
+    return new Promise<void>((resolve, reject) => {
+      outgoing.once!("finish", () => resolve());
+      outgoing.once!("close", () => {
+        if (outgoing.writableFinished) resolve();
+        else reject(new Error("The connection closed before the response was sent"));
+      });
+    });
+  }
+  return undefined;
 }
 
 /** The client's address, from whichever server runs the app. */

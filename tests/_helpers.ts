@@ -15,7 +15,8 @@ export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T
   try {
     return await fn(dir);
   } finally {
-    await rm(dir, { recursive: true, force: true });
+    // A fill may still be moving a file to invalid/ as the test ends: retry.
+    await rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 });
   }
 }
 
@@ -70,7 +71,7 @@ export function hexDigest(bytes: Uint8Array, algorithm = "md5"): string {
 }
 
 /** Random-looking bytes, deterministic for a seed. */
-export function pattern(size: number, seed = 1): Uint8Array {
+export function pattern(size: number, seed = 1): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(size);
   let x = seed >>> 0 || 1;
   for (let i = 0; i < size; i++) {

@@ -1,19 +1,12 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { mkdir, readdir, utimes, writeFile } from "node:fs/promises";
+import { readdir, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Hono } from "hono";
 import { cacheApi, FileSystemStore, MemoryStore } from "hono-image-cache";
 import type { CacheApiOptions, ImageStore } from "hono-image-cache";
 import { readBody, waitFor, withTempDir } from "./_helpers.ts";
-import {
-  admin,
-  cachedIds,
-  images,
-  listing,
-  testOrigin,
-  withManaged,
-} from "./_management.ts";
+import { admin, cachedIds, images, listing, testOrigin, withManaged } from "./_management.ts";
 
 /** Caches `id` through a plain request, as a client would. */
 async function cache(app: Hono, id: string): Promise<void> {
@@ -135,7 +128,7 @@ describe("PUT /v2/cache/{id}", () => {
 
   it("answers 202 for an image being filled, without a second download", async () => {
     const origin = testOrigin(images(1, 256 * 1024));
-    origin.delay = 5;
+    origin.delay = 20;
     await withManaged(new MemoryStore(), origin, {}, async ({ app }) => {
       const client = await app.request("/v2/images/img0/file");
       assert.equal(client.status, 200);
@@ -193,25 +186,28 @@ describe("DELETE /v2/cache", () => {
     ["QUEUE", false, true],
   ];
   for (const [target, clearsCache, clearsQueue] of cases) {
-    it(`clears ${clearsCache ? "the cache" : ""}${clearsCache && clearsQueue ? " and " : ""}${
-      clearsQueue ? "the queue" : ""
-    } with x-image-cache-clear-target ${JSON.stringify(target)}`, async () => {
-      const origin = testOrigin(images(2, 1024));
-      await withManaged(new MemoryStore(), origin, { prefetch: false }, async ({ app }) => {
-        await cache(app, "img0");
-        await cache(app, "img1");
-        await admin(app, "PUT", "/v2/cache/q0");
-        const headers: Record<string, string> = target === undefined
-          ? {}
-          : { "x-image-cache-clear-target": target };
-        const res = await admin(app, "DELETE", "/v2/cache", headers);
-        assert.equal(res.status, 204);
-        assert.equal(await res.text(), "");
-        const body = await listing(app);
-        assert.equal(body.cached_images.length, clearsCache ? 0 : 2);
-        assert.deepEqual(body.queued_images, clearsQueue ? [] : ["q0"]);
-      });
-    });
+    it(
+      `clears ${clearsCache ? "the cache" : ""}${clearsCache && clearsQueue ? " and " : ""}${
+        clearsQueue ? "the queue" : ""
+      } with x-image-cache-clear-target ${JSON.stringify(target)}`,
+      async () => {
+        const origin = testOrigin(images(2, 1024));
+        await withManaged(new MemoryStore(), origin, { prefetch: false }, async ({ app }) => {
+          await cache(app, "img0");
+          await cache(app, "img1");
+          await admin(app, "PUT", "/v2/cache/q0");
+          const headers: Record<string, string> = target === undefined
+            ? {}
+            : { "x-image-cache-clear-target": target };
+          const res = await admin(app, "DELETE", "/v2/cache", headers);
+          assert.equal(res.status, 204);
+          assert.equal(await res.text(), "");
+          const body = await listing(app);
+          assert.equal(body.cached_images.length, clearsCache ? 0 : 2);
+          assert.deepEqual(body.queued_images, clearsQueue ? [] : ["q0"]);
+        });
+      },
+    );
   }
 
   it("answers 400 for any other target and clears nothing", async () => {
@@ -246,9 +242,7 @@ describe("POST /v2/cache/clean", () => {
         await writeFile(join(directory, "incomplete", "fresh"), "x");
         const client = await app.request("/v2/images/img0/file");
         const reading = readBody(client);
-        await waitFor(async () =>
-          (await readdir(join(directory, "incomplete"))).includes("img0")
-        );
+        await waitFor(async () => (await readdir(join(directory, "incomplete"))).includes("img0"));
 
         const res = await admin(app, "POST", "/v2/cache/clean");
         assert.equal(res.status, 200);

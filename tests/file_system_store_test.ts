@@ -81,7 +81,7 @@ describe("FileSystemStore", () => {
         const writer = await store.createWriter("img");
         assert.ok(typeof writer === "object");
         await writer.write(IMAGE.subarray(0, 1000));
-        assert.deepEqual(await readdir(join(dir, "incomplete")), ["img", "img.owner"].sort());
+        assert.deepEqual((await readdir(join(dir, "incomplete"))).sort(), ["img", "img.owner"]);
         const owner = JSON.parse(await readFile(join(dir, "incomplete", "img.owner"), "utf8"));
         assert.equal(owner.pid, process.pid);
         assert.equal(owner.host, hostname());

@@ -53,7 +53,7 @@ describe("metrics", () => {
       assert.equal(before.get("image_cache_entries"), 0);
       assert.equal(before.get("image_cache_max_size_bytes"), 300 * 1024);
 
-      origin.delay = 5;
+      origin.delay = 20;
       const first = await app.request("/v2/images/img0/file");
       const joiner = await app.request("/v2/images/img0/file");
       const during = await scrape(app);

@@ -19,10 +19,12 @@ async function fetchImage(app: Hono, id: string): Promise<string> {
 /** Bytes of data (not metadata) in the cache directory, committed and partial. */
 async function dataBytes(directory: string): Promise<number> {
   let total = 0;
-  for (const [dir, names] of [
-    [directory, await readdir(directory)],
-    [join(directory, "incomplete"), await readdir(join(directory, "incomplete"))],
-  ] as const) {
+  for (
+    const [dir, names] of [
+      [directory, await readdir(directory)],
+      [join(directory, "incomplete"), await readdir(join(directory, "incomplete"))],
+    ] as const
+  ) {
     for (const name of names) {
       if (name.endsWith(".json") || name.endsWith(".owner") || name.endsWith(".tmp")) continue;
       try {
@@ -175,7 +177,10 @@ describe("automatic pruning", () => {
         assert.ok(statuses.some((s) => s.endsWith("detail=no-space")));
         const cached = await cachedIds(app);
         assert.ok(cached.length <= 4);
-        assert.ok(cached.every((id) => Number(id.slice(3)) >= 10), "the second wave evicted the first");
+        assert.ok(
+          cached.every((id) => Number(id.slice(3)) >= 10),
+          "the second wave evicted the first",
+        );
       });
     });
   });

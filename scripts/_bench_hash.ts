@@ -1,0 +1,39 @@
+/**
+ * The hashing ceiling of the miss path on one runtime (Deno, Bun, Node):
+ * `node:crypto` MD5 and SHA-256 over `<MiB>` of in-memory data, fed in
+ * 64 KiB chunks as a fetch body arrives. Started by `scripts/bench.ts`.
+ *
+ * Usage: `<runtime> scripts/_bench_hash.ts <MiB>`; prints one JSON line
+ * `{"md5": MiB/s, "sha256": MiB/s}`.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import process from "node:process";
+
+const mib = Number(process.argv[2] ?? "1024");
+if (!Number.isFinite(mib) || mib <= 0) {
+  throw new RangeError(`Cannot hash: size must be a positive number of MiB, received ${mib}`);
+}
+const CHUNK = 64 * 1024;
+// 64 MiB of varied data, so the input does not sit in a CPU cache.
+const source = new Uint8Array(64 * 2 ** 20);
+for (let at = 0; at < source.length; at += 65536) {
+  crypto.getRandomValues(source.subarray(at, at + 65536));
+}
+
+function speed(algorithm: string, mib: number): number {
+  const hash = createHash(algorithm);
+  const total = mib * 2 ** 20;
+  const start = performance.now();
+  for (let done = 0; done < total; done += CHUNK) {
+    const at = done % source.length;
+    hash.update(source.subarray(at, at + CHUNK));
+  }
+  hash.digest("hex");
+  return mib / ((performance.now() - start) / 1000);
+}
+
+speed("md5", 64); // Warm-up.
+speed("sha256", 64);
+console.log(JSON.stringify({ md5: speed("md5", mib), sha256: speed("sha256", mib) }));

@@ -1,0 +1,116 @@
+/**
+ * A store wrapper for the soak that injects faults at random: a writer that
+ * cannot be created (EACCES), writes that fail (ENOSPC, EIO), a slow or
+ * failing fsync at commit, lookups and hit opens that fail (EIO), and
+ * trailing reads that fail. Every fault is reported, so the orchestrator can
+ * count them and explain what a client saw.
+ *
+ * Deletion, listing, the queue and cleaning are never faulted: a `DELETE`
+ * that the store could not carry out would not be a cache bug.
+ *
+ * @module
+ */
+import type {
+  CreateWriterOptions,
+  ImageEntry,
+  ImageStore,
+  ImageWriter,
+  WriterRefusal,
+} from "../mod.ts";
+import type { Rng } from "./_soak_data.ts";
+
+/** Probability of each fault, per operation. */
+export interface StoreFaultRates {
+  createWriter: number;
+  /** Per write call. */
+  write: number;
+  /** Per commit: the fsync takes 0.2-2 s. */
+  slowCommit: number;
+  /** Per commit: the fsync fails (EIO). */
+  failCommit: number;
+  get: number;
+  body: number;
+  /** Per trailing read of a fill. */
+  read: number;
+}
+
+/** No faults. */
+export const NO_STORE_FAULTS: StoreFaultRates = {
+  createWriter: 0,
+  write: 0,
+  slowCommit: 0,
+  failCommit: 0,
+  get: 0,
+  body: 0,
+  read: 0,
+};
+
+function fault(code: string, what: string): Error {
+  return Object.assign(new Error(`${code}: injected fault in ${what}`), { code });
+}
+
+/**
+ * Wraps `inner`; `report(kind)` is called for each injected fault. Every
+ * other property (present or added to the store interface later) is the
+ * inner store's own.
+ */
+export function withStoreFaults(
+  inner: ImageStore,
+  rng: Rng,
+  rates: StoreFaultRates,
+  report: (kind: string) => void,
+): ImageStore {
+  const roll = (rate: number, kind: string): boolean => {
+    if (rate <= 0 || !rng.chance(rate)) return false;
+    report(kind);
+    return true;
+  };
+  const overrides: Partial<ImageStore> = {
+    get(id: string): Promise<ImageEntry | undefined> {
+      if (roll(rates.get, "store-get-eio")) return Promise.reject(fault("EIO", "get"));
+      return inner.get(id);
+    },
+    body(entry: ImageEntry, start: number, end: number) {
+      if (roll(rates.body, "store-body-eio")) return Promise.reject(fault("EIO", "body"));
+      return inner.body(entry, start, end);
+    },
+    async createWriter(
+      id: string,
+      options?: CreateWriterOptions,
+    ): Promise<ImageWriter | WriterRefusal> {
+      if (roll(rates.createWriter, "store-create-eacces")) throw fault("EACCES", "createWriter");
+      const writer = await inner.createWriter(id, options);
+      if (typeof writer === "string") return writer;
+      return {
+        async write(chunk) {
+          if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
+          if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
+          await writer.write(chunk);
+        },
+        read(position, length) {
+          if (roll(rates.read, "store-read-eio")) return Promise.reject(fault("EIO", "read"));
+          return writer.read(position, length);
+        },
+        async commit(info) {
+          if (roll(rates.slowCommit, "store-slow-fsync")) {
+            await new Promise((resolve) => setTimeout(resolve, rng.int(200, 2000)));
+          }
+          if (roll(rates.failCommit, "store-fsync-eio")) {
+            await writer.abort("discard");
+            throw fault("EIO", "commit");
+          }
+          return writer.commit(info);
+        },
+        abort: (reason) => writer.abort(reason),
+        close: () => writer.close(),
+      };
+    },
+  };
+  return new Proxy(inner, {
+    get(target, property) {
+      if (Object.hasOwn(overrides, property)) return overrides[property as keyof ImageStore];
+      const value = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
