@@ -454,6 +454,25 @@ function statusField(pid: number, field: string): number {
   }
 }
 
+/**
+ * CPU time (user + system, all threads) used so far by a process tree, in
+ * seconds. Unlike throughput, barely moved by other load on the machine.
+ */
+export function cpuSeconds(pid: number): number {
+  let ticks = 0;
+  for (const p of processTree(pid)) {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${p}/stat`);
+      // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      ticks += Number(fields[11]) + Number(fields[12]);
+    } catch {
+      // Gone.
+    }
+  }
+  return ticks / 100; // USER_HZ
+}
+
 /** Current resident memory of a process tree, in bytes. */
 export function rss(pid: number): number {
   return processTree(pid).reduce((sum, p) => sum + statusField(p, "VmRSS"), 0);

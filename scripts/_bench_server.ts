@@ -31,8 +31,11 @@ export interface BenchServerConfig {
   cache?: string;
   /** Origin base URL (`cache`, `pass`). */
   origin?: string;
-  /** Digest the fill verifies (`cache`): the origin's `Content-MD5` or its `x-image-sha256`. */
-  digest?: "md5" | "sha256";
+  /**
+   * Digest the fill verifies (`cache`): the origin's `Content-MD5` (default)
+   * or its `x-image-sha256`; `none` checks the length only.
+   */
+  digest?: "md5" | "sha256" | "none";
   /** Print `process.memoryUsage()` as `MEM <json>` on stderr every this many ms. */
   memoryLog?: number;
 }
@@ -154,6 +157,8 @@ async function honoServer(config: BenchServerConfig): Promise<number> {
       store,
       expectedDigest: config.digest === "sha256"
         ? (_c, res) => ({ algorithm: "sha256", value: res.headers.get("x-image-sha256") ?? "" })
+        : config.digest === "none"
+        ? () => undefined
         : undefined,
       onError: (error) => console.error("bench server: cache fault:", error),
     }));

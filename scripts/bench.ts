@@ -29,6 +29,7 @@ import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import {
   type BenchServer,
+  cpuSeconds,
   download,
   type DownloadResult,
   ensureTools,
@@ -234,7 +235,10 @@ async function measureHits(targets: Target[], options: Options, results: Results
       for (const target of rotate(targets, r)) {
         const big = imageUrl(target.url, "big");
         const peak = watchPeak(target.pid);
+        const cpu = cpuSeconds(target.pid);
         const one = await download([big]);
+        const cpuPerGiB = (cpuSeconds(target.pid) - cpu) / (options.bigSize / GiB);
+        push(results.hits, target.name, "cpuPerGiB", cpuPerGiB);
         checkDownload(one.results[0], options.bigSize, `${target.name} hit`);
         push(results.hits, target.name, "oneClient", mibps(options.bigSize, one.wall));
         const four = await download([big, big, big, big]);
@@ -253,6 +257,7 @@ async function measureHits(targets: Target[], options: Options, results: Results
     for (let r = 0; r < options.runs; r++) {
       log(`small hits: run ${r + 1}/${options.runs}`);
       for (const target of rotate(targets, r)) {
+        const cpu = cpuSeconds(target.pid);
         const result = await wrk(imageUrl(target.url, "small"), {
           ...params,
           seconds: options.wrkSeconds,
@@ -260,6 +265,13 @@ async function measureHits(targets: Target[], options: Options, results: Results
         if (result.errors > 0) {
           results.notes.push(`${target.name}: wrk saw ${result.errors} errors or non-2xx answers`);
         }
+        const requests = result.rps * options.wrkSeconds;
+        push(
+          results.small,
+          target.name,
+          "cpuUsPerRequest",
+          (cpuSeconds(target.pid) - cpu) * 1e6 / requests,
+        );
         push(results.small, target.name, "rps", result.rps);
         push(results.small, target.name, "p99ms", result.p99ms);
       }
@@ -333,13 +345,19 @@ async function measureMiss(
     for (const runtime of rotate(runtimes, r)) {
       const name = runtime.name;
       await hashCeiling(runtime, options, results);
-      const { results: [pass] } = await download([imageUrl(passServers.get(name)!.url, "big")]);
+      const passServer = passServers.get(name)!;
+      const cpu = cpuSeconds(passServer.pid);
+      const { results: [pass] } = await download([imageUrl(passServer.url, "big")]);
+      push(results.miss, name, "passCpuPerGiB", (cpuSeconds(passServer.pid) - cpu) / (size / GiB));
       checkDownload(pass, size, `${name} pass-through`);
       push(results.miss, name, "passThrough", mibps(size, pass.seconds));
       for (const digest of ["md5", "sha256"] as const) {
         await withFreshCache(runtime, { origin, digest }, async (server) => {
           const peak = watchPeak(server.pid);
+          const cpu = cpuSeconds(server.pid);
           const { results: [fill] } = await download([imageUrl(server.url, "big")]);
+          const cpuPerGiB = (cpuSeconds(server.pid) - cpu) / (size / GiB);
+          push(results.miss, name, `${digest}CpuPerGiB`, cpuPerGiB);
           push(results.miss, name, "peakRss", peak.stop());
           checkDownload(fill, size, `${name} ${digest} fill`);
           const status = await cacheStatus(imageUrl(server.url, "big"));
@@ -500,6 +518,12 @@ function report(results: Results, options: Options, runtimes: Runtime[]) {
       });
     }
   }
+  if (sec.has("hits")) {
+    row("Hit server CPU per GiB, s (1 client)", m(results.hits, "nginx", "cpuPerGiB"), (rt) => [
+      m(results.hits, `${rt}-raw`, "cpuPerGiB"),
+      m(results.hits, `${rt}-cache`, "cpuPerGiB"),
+    ], 2);
+  }
   if (sec.has("small")) {
     const ng = m(results.small, "nginx", "rps");
     row(`Small hits 64 KiB, wrk -c ${options.wrkConnections}, req/s (base: raw)`, ng, (rt) => {
@@ -511,6 +535,14 @@ function report(results: Results, options: Options, runtimes: Runtime[]) {
       }
       return [raw, cache];
     });
+    row(
+      "Small hits server CPU per request, µs (base: raw)",
+      m(results.small, "nginx", "cpuUsPerRequest"),
+      (rt) => [
+        m(results.small, `${rt}-raw`, "cpuUsPerRequest"),
+        m(results.small, `${rt}-cache`, "cpuUsPerRequest"),
+      ],
+    );
     row("Small hits p99 latency, ms (base: raw)", m(results.small, "nginx", "p99ms"), (rt) => [
       m(results.small, `${rt}-raw`, "p99ms"),
       m(results.small, `${rt}-cache`, "p99ms"),
@@ -554,6 +586,10 @@ function report(results: Results, options: Options, runtimes: Runtime[]) {
         NaN,
       ]);
     }
+    row("Server CPU per GiB, s: pass-through (base) vs fill with MD5", NaN, (rt) => [
+      m(results.miss, rt, "passCpuPerGiB"),
+      m(results.miss, rt, "md5CpuPerGiB"),
+    ], 2);
     row(
       "Peak RSS during a fill, MiB",
       NaN,
@@ -570,6 +606,16 @@ function report(results: Results, options: Options, runtimes: Runtime[]) {
       check(`${rt} cold start: last / nginx last`, last / ngLast, "< 1", last < ngLast);
       return [single, last];
     }, 2);
+    row(
+      `Cold start floor: ${n} × ${cold} at the runtime's raw 4-client hit rate, s`,
+      NaN,
+      (rt) => {
+        const raw = m(results.hits, `${rt}-raw`, "fourClients");
+        const floor = (n * options.coldSize) / MiB / raw;
+        return [floor, m(results.cold, rt, "last"), m(results.cold, rt, "last") / floor];
+      },
+      2,
+    );
     row(
       `Cold start: images read from the origin`,
       m(results.cold, "nginx", "originImages"),
@@ -627,7 +673,7 @@ async function main() {
   const args = Deno.args;
   if (args.includes("--help")) {
     console.log(USAGE);
-    return;
+    return 0;
   }
   const options = parseOptions(args);
   const started = Date.now();
@@ -660,6 +706,7 @@ async function main() {
   log(`machine: ${JSON.stringify(results.meta.machine)}`);
 
   const stops: (() => Promise<void>)[] = [];
+  const failed: string[] = [];
   const cleanup = async () => {
     for (const stop of stops.reverse()) await stop().catch(() => {});
     stops.length = 0;
@@ -710,69 +757,89 @@ async function main() {
       });
     }
 
-    if (options.sections.has("hits") || options.sections.has("small")) {
-      // One cache directory filled once, by the first runtime, then served by every runtime.
-      const hitDir = join(WORK, "caches", "hits");
-      await rm(hitDir, { recursive: true, force: true });
-      await mkdir(hitDir, { recursive: true });
-      stops.push(() => rm(hitDir, { recursive: true, force: true }));
-      const filler = runtimes[0];
-      log(`filling the hit cache with ${filler.name} ...`);
-      const fill = await startBenchServer(filler, { mode: "cache", cache: hitDir, origin });
+    /** Runs one section; a failure is reported and the other sections still run. */
+    const section = async (name: string, fn: () => Promise<void>) => {
+      const mark = stops.length;
       try {
-        for (const id of ["big", "small"]) {
-          const { results: [result] } = await download([imageUrl(fill.url, id)]);
-          checkDownload(result, data.sizes[id], `fill ${id}`);
-          const status = await cacheStatus(imageUrl(fill.url, id));
-          if (!status.includes("hit")) {
-            throw new Error(`fill of ${id} not committed: ${status}\n${fill.stderr()}`);
-          }
-        }
+        await fn();
+      } catch (error) {
+        failed.push(name);
+        const message = error instanceof Error ? error.message : String(error);
+        results.notes.push(`${name} failed: ${message.slice(0, 2000)}`);
+        log(`${name} FAILED: ${message}`);
       } finally {
-        await fill.stop();
+        // Stop the section's own servers: idle, but they hold memory.
+        for (const stop of stops.splice(mark).reverse()) await stop().catch(() => {});
       }
-      await warmPageCache([join(hitDir, "big"), join(hitDir, "small")]);
+    };
 
-      const targets: Target[] = [];
-      if (nginx) {
-        targets.push({
-          name: "nginx",
-          url: `http://127.0.0.1:${nginx.ports.static}`,
-          pid: nginx.pid,
-        });
-      }
-      for (const runtime of runtimes) {
-        const raw = await startBenchServer(runtime, { mode: "raw", data: data.dir });
-        stops.push(() => raw.stop());
-        const cache = await startBenchServer(runtime, { mode: "cache", cache: hitDir, origin });
-        stops.push(() => cache.stop());
-        targets.push({ name: `${runtime.name}-raw`, url: raw.url, pid: raw.pid });
-        targets.push({ name: `${runtime.name}-cache`, url: cache.url, pid: cache.pid });
-      }
-      await measureHits(targets, options, results);
-      // Stop the hit servers now: idle, but they hold memory.
-      for (const stop of stops.splice(stops.length - 2 * runtimes.length).reverse()) await stop();
+    if (options.sections.has("hits") || options.sections.has("small")) {
+      await section("hits", async () => {
+        // One cache directory filled once, by the first runtime, then served by every runtime.
+        const hitDir = join(WORK, "caches", "hits");
+        await rm(hitDir, { recursive: true, force: true });
+        await mkdir(hitDir, { recursive: true });
+        stops.push(() => rm(hitDir, { recursive: true, force: true }));
+        const filler = runtimes[0];
+        log(`filling the hit cache with ${filler.name} ...`);
+        const fill = await startBenchServer(filler, { mode: "cache", cache: hitDir, origin });
+        try {
+          for (const id of ["big", "small"]) {
+            const { results: [result] } = await download([imageUrl(fill.url, id)]);
+            checkDownload(result, data.sizes[id], `fill ${id}`);
+            const status = await cacheStatus(imageUrl(fill.url, id));
+            if (!status.includes("hit")) {
+              throw new Error(`fill of ${id} not committed: ${status}\n${fill.stderr()}`);
+            }
+          }
+        } finally {
+          await fill.stop();
+        }
+        await warmPageCache([join(hitDir, "big"), join(hitDir, "small")]);
+
+        const targets: Target[] = [];
+        if (nginx) {
+          targets.push({
+            name: "nginx",
+            url: `http://127.0.0.1:${nginx.ports.static}`,
+            pid: nginx.pid,
+          });
+        }
+        for (const runtime of runtimes) {
+          const raw = await startBenchServer(runtime, { mode: "raw", data: data.dir });
+          stops.push(() => raw.stop());
+          const cache = await startBenchServer(runtime, { mode: "cache", cache: hitDir, origin });
+          stops.push(() => cache.stop());
+          targets.push({ name: `${runtime.name}-raw`, url: raw.url, pid: raw.pid });
+          targets.push({ name: `${runtime.name}-cache`, url: cache.url, pid: cache.pid });
+        }
+        await measureHits(targets, options, results);
+      });
     }
 
     if (options.sections.has("miss")) {
-      const passServers = new Map<RuntimeName, BenchServer>();
-      for (const runtime of runtimes) {
-        const pass = await startBenchServer(runtime, { mode: "pass", origin });
-        stops.push(() => pass.stop());
-        passServers.set(runtime.name, pass);
-        // Warm-up of the proxy path.
-        const { results: [warm] } = await download([imageUrl(pass.url, "small")]);
-        checkDownload(warm, options.smallSize, `${runtime.name} pass-through`);
-      }
-      await measureMiss(runtimes, passServers, nginx, origin, options, results);
-      for (const stop of stops.splice(stops.length - runtimes.length).reverse()) await stop();
+      await section("miss", async () => {
+        const passServers = new Map<RuntimeName, BenchServer>();
+        for (const runtime of runtimes) {
+          const pass = await startBenchServer(runtime, { mode: "pass", origin });
+          stops.push(() => pass.stop());
+          passServers.set(runtime.name, pass);
+          // Warm-up of the proxy path.
+          const { results: [warm] } = await download([imageUrl(pass.url, "small")]);
+          checkDownload(warm, options.smallSize, `${runtime.name} pass-through`);
+        }
+        await measureMiss(runtimes, passServers, nginx, origin, options, results);
+      });
     }
 
     if (options.sections.has("cold")) {
       if (!originLog) {
         results.notes.push("cold start needs the nginx origin (to count its bytes): skipped");
       } else {
-        await measureCold(runtimes, nginx, origin, originLog, options, results);
+        await section(
+          "cold",
+          () => measureCold(runtimes, nginx, origin, originLog, options, results),
+        );
       }
     }
   } finally {
@@ -810,6 +877,7 @@ async function main() {
   console.log(checkLines.join("\n"));
   for (const note of results.notes) console.log(`- note: ${note}`);
   console.log(`\n${Math.round(seconds)} s; results in ${file}`);
+  return failed.length === 0 ? 0 : 1;
 }
 
-await main();
+Deno.exit(await main());

@@ -55,6 +55,8 @@ interface SoakOptions {
   originFaults: number;
   storeFaults: StoreFaultRates;
   idleTimeout: number;
+  /** Resident memory a server may reach, bytes (invariant 5). */
+  maxRss: number;
   keep: boolean;
   verbose: boolean;
   json?: string;
@@ -64,7 +66,7 @@ const MiB = 2 ** 20;
 
 const USAGE = `Usage: deno task soak [--quick] [--seed N] [--duration 90s|10m|1h]
        [--servers N] [--clients N] [--images N] [--largest MiB] [--kill-every SECONDS]
-       [--origin-faults P] [--no-store-faults] [--keep] [--verbose] [--json FILE]`;
+       [--origin-faults P] [--no-store-faults] [--max-rss MiB] [--keep] [--verbose] [--json FILE]`;
 
 function parseDuration(value: string): number {
   const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value);
@@ -105,6 +107,7 @@ function parseArgs(args: string[]): SoakOptions {
     "keep",
     "verbose",
     "json",
+    "max-rss",
   ];
   for (const key of flags.keys()) {
     if (!known.includes(key)) throw new TypeError(`Unknown option --${key}\n${USAGE}`);
@@ -144,6 +147,7 @@ function parseArgs(args: string[]): SoakOptions {
     originFaults: number("origin-faults", 0.25),
     storeFaults,
     idleTimeout: 20_000,
+    maxRss: number("max-rss", 512) * MiB,
     keep: flags.has("keep"),
     verbose: flags.has("verbose"),
     json: flags.get("json"),
@@ -922,6 +926,12 @@ async function main(): Promise<number> {
           if (slot.pid === undefined || !slot.up) continue;
           const status = await readFile(`/proc/${slot.pid}/status`, "utf8").catch(() => "");
           const rss = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) * 1024;
+          if (rss > options.maxRss && slot.peakRss <= options.maxRss) {
+            violation(
+              { kind: "memory", message: `server ${slot.index} at ${Math.round(rss / MiB)} MiB` },
+              `pid ${slot.pid}, limit ${options.maxRss / MiB} MiB`,
+            );
+          }
           slot.peakRss = Math.max(slot.peakRss, rss);
         }
         // Restart a server that crashed by itself.

@@ -228,3 +228,15 @@ function textAnswer(status: 412 | 416, text: string, head: boolean): Answer {
     ? { status, headers, ranges: [], length: 0 }
     : { status, headers, ranges: [], text, length };
 }
+
+/**
+ * Whether `value` is a `Response`. Not `instanceof`: under
+ * `@hono/node-server` the global `Response` is replaced while `fetch` still
+ * returns undici's, so a real response may fail `instanceof`.
+ */
+export function isResponse(value: unknown): value is Response {
+  if (value instanceof Response) return true;
+  const v = value as Partial<Response> | null;
+  return typeof v === "object" && v !== null && typeof v.status === "number" &&
+    typeof v.headers?.get === "function" && "body" in v && typeof v.arrayBuffer === "function";
+}

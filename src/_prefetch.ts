@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { isResponse } from "./_http.ts";
 import type { CacheCore } from "./_cache_core.ts";
 import { unrefTimer } from "./_options.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
@@ -91,7 +92,7 @@ export async function prefetchImage(
     } finally {
       clearTimeout(timer);
     }
-    if (!(response instanceof Response)) {
+    if (!isResponse(response)) {
       onError(new TypeError(`fetchImage("${id}") did not resolve to a Response`));
       response = undefined;
       return "fetch-error";

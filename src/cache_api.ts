@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { isResponse } from "./_http.ts";
 import type { Context } from "hono";
 import { Hono } from "hono";
 import { coreFor } from "./_cache_core.ts";
@@ -350,7 +351,7 @@ export function cacheApi(options: CacheApiOptions): Hono {
         id = decoded;
       }
       const verdict = await authorize(c, method.action, id === "" ? undefined : id);
-      if (verdict instanceof Response) return verdict;
+      if (isResponse(verdict)) return verdict;
       if (verdict !== true) {
         return c.text(`Forbidden: not allowed to ${method.action}`, 403);
       }

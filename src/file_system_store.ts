@@ -561,6 +561,8 @@ export class FileSystemStore implements ImageStore {
    */
   async close(): Promise<void> {
     this.#closed = true;
+    // Let a set-up under way finish, so nothing is written after close resolves.
+    await this.#ready?.catch(() => {});
     if (this.#flushTimer !== undefined) clearTimeout(this.#flushTimer);
     this.#flushTimer = undefined;
     LIVE_TOKENS.delete(this.#token);

@@ -6,7 +6,15 @@
 import type { Context, MiddlewareHandler } from "hono";
 import { coreFor, type Fill } from "./_cache_core.ts";
 import { fillBody } from "./_fill.ts";
-import { type Answer, answerBody, answerFill, answerHit, fillOpener, withHeader } from "./_http.ts";
+import {
+  type Answer,
+  answerBody,
+  answerFill,
+  answerHit,
+  fillOpener,
+  isResponse,
+  withHeader,
+} from "./_http.ts";
 import { checkFunction } from "./_options.ts";
 import { type FetchImage, prefetchImage } from "./_prefetch.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
@@ -188,7 +196,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   const denied = async (c: Context, id: string): Promise<Response | undefined> => {
     const verdict = await authorize(c, id);
     if (verdict === true) return undefined;
-    if (verdict instanceof Response) return verdict;
+    if (isResponse(verdict)) return verdict;
     return c.text("Forbidden: not allowed to read this image from the cache", 403, {
       ...statusHeaders("detail=forbidden"),
     });

@@ -401,13 +401,15 @@ describe("Range on an image being filled", () => {
         origin.push(image.byteLength - 100_000);
         origin.end();
         const { bytes: tail, error } = await readBody(
-          new Response(new ReadableStream({
-            async pull(c) {
-              const { done, value } = await rangeReader.read();
-              if (done) c.close();
-              else c.enqueue(value);
-            },
-          })),
+          new Response(
+            new ReadableStream({
+              async pull(c) {
+                const { done, value } = await rangeReader.read();
+                if (done) c.close();
+                else c.enqueue(value);
+              },
+            }),
+          ),
         );
         assert.equal(error, undefined);
         assertBytes(Buffer.concat([head, tail]), image.slice(1000, 50_000));

@@ -4,24 +4,19 @@
  * one directory stand for two processes sharing it: each has its own core
  * (fills, claims) and its own owner token, as separate processes do.
  *
- * A test marked `todo` reproduces a finding that is not fixed yet (see
- * /tmp/soak_findings.md and the soak report); `RUN_OPEN_FINDINGS=1` runs
- * those too.
+ * Each test names the finding it reproduces in the soak report (findings
+ * 1-5, all fixed).
  *
  * @module
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import process from "node:process";
 import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Hono } from "hono";
 import { cacheApi, FileSystemStore, imageCache, type ImageStore } from "hono-image-cache";
 import { MemoryStore } from "hono-image-cache/testing";
-import { hexDigest, pattern, readBody, sleep, waitFor, withTempDir } from "./_helpers.ts";
-
-/** `todo` for a finding still open, unless `RUN_OPEN_FINDINGS` is set. */
-const open = (finding: string) => process.env.RUN_OPEN_FINDINGS ? {} : { todo: finding };
+import { hexDigest, pattern, readBody, sleep, withTempDir } from "./_helpers.ts";
 
 /** A gate a test opens once. */
 function gate(): { wait: Promise<void>; open: () => void } {
@@ -179,7 +174,7 @@ describe("regressions found by the soak", () => {
 
   it(
     "a DELETE wins over a commit that another process completes while the DELETE runs",
-        async () => {
+    async () => {
       await withTempDir(async (directory) => {
         const storeA = new FileSystemStore({ directory });
         const storeB = new FileSystemStore({ directory });
