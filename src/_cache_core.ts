@@ -95,7 +95,6 @@ const STORED_HEADERS = new Set([
   "content-disposition",
   "content-encoding",
   "content-language",
-  "content-md5",
 ]);
 
 /** Hop-by-hop and per-client headers never sent to a client that joins a fill. */

@@ -442,7 +442,15 @@ export class Fill {
         : chunk.bytes.subarray(from, to);
     }
     const length = Math.min(READ_CHUNK, stop - position, this.#durable - position);
-    const bytes = length > 0 ? await this.#init.writer.read(position, length) : new Uint8Array();
+    let bytes: Uint8Array = new Uint8Array();
+    if (length > 0) {
+      // One retry: a transient read fault should not cut a client that trails the fill.
+      bytes = await this.#init.writer.read(position, length).catch(() =>
+        new Promise<Uint8Array>((resolve, reject) =>
+          setTimeout(() => this.#init.writer.read(position, length).then(resolve, reject), 10)
+        )
+      );
+    }
     if (bytes.byteLength === 0) {
       throw new FillError("store-error", `Cannot read back byte ${position} of "${this.id}"`);
     }

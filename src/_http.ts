@@ -41,7 +41,9 @@ export function hitHeaders(entry: ImageEntry): Headers {
   const headers = new Headers(entry.headers);
   headers.delete("x-image-meta-location");
   if (!headers.has("content-type")) headers.set("content-type", "application/octet-stream");
-  if (entry.digest.algorithm === "md5" && !headers.has("content-md5")) {
+  // Derived from the verified digest, never replayed: hex, as Glance sends it.
+  headers.delete("content-md5");
+  if (entry.digest.algorithm === "md5") {
     headers.set("content-md5", entry.digest.value);
   }
   headers.set("content-length", String(entry.size));

@@ -662,15 +662,36 @@ class FileWriter implements ImageWriter {
   }
 }
 
+const HEX_LENGTH = { md5: 32, sha256: 64, sha512: 128 } as const;
+
+function isHexDigest(algorithm: keyof typeof HEX_LENGTH, value: unknown): boolean {
+  return typeof value === "string" && value.length === HEX_LENGTH[algorithm] &&
+    /^[0-9a-f]+$/.test(value);
+}
+
+/** A header `new Headers()` accepts: a token name, a value without CR, LF or NUL. */
+function isHeader(name: string, value: unknown): boolean {
+  return /^[!#$%&'*+.^_`|~0-9a-z-]+$/.test(name) && typeof value === "string" &&
+    !/[\r\n\0]/.test(value);
+}
+
+/** Milliseconds within the range a `Date` can hold. */
+function isTime(value: unknown): boolean {
+  return typeof value === "number" && value >= 0 && value <= 8.64e15;
+}
+
 function parseEntry(id: string, text: string): ImageEntry | undefined {
   try {
     const value = JSON.parse(text);
+    // Damaged or hand-edited metadata must never reach a response: every
+    // field is checked to be what a commit writes, or the entry is damaged.
     const valid = value?.id === id && Number.isSafeInteger(value.size) && value.size >= 0 &&
-      isDigestAlgorithm(value.digest?.algorithm) && typeof value.digest.value === "string" &&
+      isDigestAlgorithm(value.digest?.algorithm) &&
+      isHexDigest(value.digest.algorithm, value.digest.value) &&
       typeof value.headers === "object" && value.headers !== null &&
-      Object.values(value.headers).every((v) => typeof v === "string") &&
-      Number.isFinite(value.created) && Number.isFinite(value.lastAccessed) &&
-      Number.isSafeInteger(value.hits);
+      Object.entries(value.headers).every(([k, v]) => isHeader(k, v)) &&
+      isTime(value.created) && isTime(value.lastAccessed) &&
+      Number.isSafeInteger(value.hits) && value.hits >= 0;
     if (!valid) return undefined;
     return {
       id,

@@ -208,11 +208,7 @@ for (const [kind, make] of STORES) {
           const entry = await store.get(algorithm);
           assert.deepEqual(entry?.digest, { algorithm, value: hexDigest(IMAGE, algorithm) });
           const hit = await app.request(`/v2/images/${algorithm}/file`);
-          assert.equal(
-            hit.headers.get("content-md5"),
-            "garbage",
-            "the origin's header is replayed",
-          );
+          assert.equal(hit.headers.get("content-md5"), null, "only ever the verified digest");
           assert.equal(hit.headers.get("etag"), `"${algorithm}-${entry?.digest.value}"`);
           await hit.body?.cancel();
         }
