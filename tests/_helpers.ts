@@ -8,6 +8,7 @@ import { createHash } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { FileSystemStore, type ImageStore, MemoryStore } from "hono-image-cache";
 
 /** Runs `fn` with a fresh temporary directory, removed afterwards. */
 export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
@@ -18,6 +19,45 @@ export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T
     // A fill may still be moving a file to invalid/ as the test ends: retry.
     await rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 });
   }
+}
+
+/** The two stores every behaviour is checked with, each made fresh in a directory. */
+export const STORES: [string, (dir: string) => ImageStore][] = [
+  ["MemoryStore", () => new MemoryStore()],
+  ["FileSystemStore", (dir) => new FileSystemStore({ directory: dir })],
+];
+
+/** A test body run with a fresh store of a kind, closed and removed afterwards. */
+export function withStore(
+  make: (dir: string) => ImageStore,
+  fn: (store: ImageStore) => Promise<void>,
+): () => Promise<void> {
+  return () =>
+    withTempDir(async (dir) => {
+      const store = make(dir);
+      try {
+        await fn(store);
+      } finally {
+        await store.close();
+      }
+    });
+}
+
+/** Reads what is left of a body from a reader already in use. */
+export function readRest(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+): Promise<{ bytes: Uint8Array; error?: unknown }> {
+  return readBody(
+    new Response(
+      new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const { done, value } = await reader.read();
+          if (done) controller.close();
+          else controller.enqueue(value);
+        },
+      }),
+    ),
+  );
 }
 
 /** Reads a body to the end, or returns the error it failed with. */

@@ -9,6 +9,7 @@ import {
   hexDigest,
   pattern,
   readBody,
+  readRest,
   sleep,
   startServer,
   waitFor,
@@ -115,17 +116,7 @@ for (const [kind, make] of STORES) {
           "first bytes arrived while the origin was still sending",
         );
         assert.ok(origin.stats.sent < SIZE);
-        const rest = await readBody(
-          new Response(
-            new ReadableStream({
-              async pull(c) {
-                const { done, value } = await reader.read();
-                if (done) c.close();
-                else c.enqueue(value);
-              },
-            }),
-          ),
-        );
+        const rest = await readRest(reader);
         const whole = new Uint8Array(value!.byteLength + rest.bytes.byteLength);
         whole.set(value!);
         whole.set(rest.bytes, value!.byteLength);
@@ -147,17 +138,7 @@ for (const [kind, make] of STORES) {
         assertBytes((await readBody(other)).bytes, IMAGE);
         await waitFor(async () => (await store.get("img")) !== undefined);
         // The stalled client can still read everything, from the store.
-        const rest = await readBody(
-          new Response(
-            new ReadableStream({
-              async pull(c) {
-                const { done, value } = await reader.read();
-                if (done) c.close();
-                else c.enqueue(value);
-              },
-            }),
-          ),
-        );
+        const rest = await readRest(reader);
         assert.equal(rest.error, undefined);
         assert.equal(rest.bytes.byteLength + CHUNK, SIZE);
       }),

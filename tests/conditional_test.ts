@@ -1,27 +1,10 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { Hono } from "hono";
-import { FileSystemStore, imageCache, MemoryStore } from "hono-image-cache";
+import { imageCache, MemoryStore } from "hono-image-cache";
 import type { ImageCacheOptions, ImageStore } from "hono-image-cache";
 import { FaultyStore } from "hono-image-cache/testing";
-import { assertBytes, hexDigest, pattern, readBody, withTempDir } from "./_helpers.ts";
-
-const STORES: [string, (dir: string) => ImageStore][] = [
-  ["MemoryStore", () => new MemoryStore()],
-  ["FileSystemStore", (dir) => new FileSystemStore({ directory: dir })],
-];
-
-function withStore(make: (dir: string) => ImageStore, fn: (store: ImageStore) => Promise<void>) {
-  return () =>
-    withTempDir(async (dir) => {
-      const store = make(dir);
-      try {
-        await fn(store);
-      } finally {
-        await store.close();
-      }
-    });
-}
+import { assertBytes, hexDigest, pattern, readBody, STORES, withStore } from "./_helpers.ts";
 
 const PATH = "/v2/images/img/file";
 const IMAGE = pattern(5000, 41);

@@ -11,27 +11,11 @@ import {
   pattern,
   readBody,
   slowStream,
+  STORES,
   waitFor,
+  withStore,
   withTempDir,
 } from "./_helpers.ts";
-
-/** Runs `fn` once per store kind, each with a fresh store. */
-const STORES: [string, (dir: string) => ImageStore][] = [
-  ["MemoryStore", () => new MemoryStore()],
-  ["FileSystemStore", (dir) => new FileSystemStore({ directory: dir })],
-];
-
-function withStore(make: (dir: string) => ImageStore, fn: (store: ImageStore) => Promise<void>) {
-  return () =>
-    withTempDir(async (dir) => {
-      const store = make(dir);
-      try {
-        await fn(store);
-      } finally {
-        await store.close();
-      }
-    });
-}
 
 interface Origin {
   app: Hono;

@@ -2,34 +2,19 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { Hono } from "hono";
-import { FileSystemStore, imageCache, MemoryStore } from "hono-image-cache";
+import { imageCache, MemoryStore } from "hono-image-cache";
 import type { ImageCacheOptions, ImageStore } from "hono-image-cache";
 import {
   assertBytes,
   hexDigest,
   pattern,
   readBody,
+  readRest,
   sleep,
+  STORES,
   waitFor,
-  withTempDir,
+  withStore,
 } from "./_helpers.ts";
-
-const STORES: [string, (dir: string) => ImageStore][] = [
-  ["MemoryStore", () => new MemoryStore()],
-  ["FileSystemStore", (dir) => new FileSystemStore({ directory: dir })],
-];
-
-function withStore(make: (dir: string) => ImageStore, fn: (store: ImageStore) => Promise<void>) {
-  return () =>
-    withTempDir(async (dir) => {
-      const store = make(dir);
-      try {
-        await fn(store);
-      } finally {
-        await store.close();
-      }
-    });
-}
 
 const PATH = "/v2/images/img/file";
 
@@ -400,17 +385,7 @@ describe("Range on an image being filled", () => {
         // The range's last byte waits for verification (invariant 1).
         origin.push(image.byteLength - 100_000);
         origin.end();
-        const { bytes: tail, error } = await readBody(
-          new Response(
-            new ReadableStream({
-              async pull(c) {
-                const { done, value } = await rangeReader.read();
-                if (done) c.close();
-                else c.enqueue(value);
-              },
-            }),
-          ),
-        );
+        const { bytes: tail, error } = await readRest(rangeReader);
         assert.equal(error, undefined);
         assertBytes(Buffer.concat([head, tail]), image.slice(1000, 50_000));
         await readAtLeast(firstReader, image.byteLength); // drains the first client to its end
