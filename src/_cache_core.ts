@@ -59,6 +59,8 @@ export interface Claim {
   readonly fill: Promise<Fill | undefined>;
   /** Set when the image was deleted meanwhile: the answer must not be stored. */
   evicted: boolean;
+  /** When the claim was made (ms): a deletion after it wins, in any process. */
+  readonly started: number;
 }
 
 interface OwnClaim extends Claim {
@@ -200,6 +202,7 @@ export class CacheCore {
     const claim: OwnClaim = {
       fill: new Promise((r) => resolve = r),
       evicted: false,
+      started: Date.now(),
       resolve: (fill) => {
         if (this.#claims.get(id) === claim) this.#claims.delete(id);
         resolve(fill);
@@ -238,7 +241,10 @@ export class CacheCore {
     }
     const release = () => hooks.release?.(id);
     try {
-      writer = await store.createWriter(id, { expectedSize: expectedLength });
+      writer = await store.createWriter(id, {
+        expectedSize: expectedLength,
+        since: options.claim?.started,
+      });
     } catch (error) {
       release();
       options.onError(error);
@@ -326,8 +332,10 @@ export class CacheCore {
       await fill.evict();
     }
     const store = this.store;
-    // The lock first: a fill of another process then cannot commit, and what
-    // it committed before is removed next.
+    // A tombstone first: a miss another process started before now will not
+    // commit. Then the lock: a fill of another process cannot commit either,
+    // and what it committed before is removed next.
+    await store.markDeleted?.(id);
     if (await store.deleteIncomplete(id)) found = true;
     if (await store.delete(id)) found = true;
     if (!options.keepQueued && await store.dequeue(id)) found = true;
@@ -342,6 +350,7 @@ export class CacheCore {
    */
   async evictAll(options: { keepQueued?: boolean } = {}): Promise<number> {
     const store = this.store;
+    await store.markDeleted?.();
     const entries = (await store.list()).map((entry) => entry.id);
     const ids = new Set([
       ...entries,

@@ -10,7 +10,7 @@ const SAFE_ID = /^[A-Za-z0-9_-]{1,200}$/;
 export const MAX_ID_BYTES = 200;
 const encoder = new TextEncoder();
 /** Names of the layout's own directories: an id of that name is encoded, never used as is. */
-const RESERVED = new Set(["incomplete", "invalid", "queue"]);
+const RESERVED = new Set(["incomplete", "invalid", "queue", "deleted"]);
 
 /**
  * The file name an id is stored under, or `undefined` when the id cannot be

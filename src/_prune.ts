@@ -28,6 +28,7 @@
  *
  * @module
  */
+import { unrefTimer } from "./_options.ts";
 import type { CacheCore } from "./_cache_core.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 
@@ -363,6 +364,13 @@ export function installPruning(core: CacheCore): Pruner {
   hooks.release = (id) => created.release(id);
   hooks.committed = (entry) => created.committed(entry);
   hooks.evicted = (id) => created.evicted(id);
+  // A store may start over its limit (other processes committed, or the
+  // limit was lowered): bring it within maxSize at start, not at the first
+  // commit. The timer does not keep the process alive.
+  const timer = setTimeout(() => {
+    created.prune().catch(() => {});
+  }, 0);
+  unrefTimer(timer);
   pruner = created;
   return pruner;
 }

@@ -157,6 +157,10 @@ export class FaultyStore implements ImageStore {
     return this.#inner.deleteIncomplete(id);
   }
   /** As the wrapped store. */
+  markDeleted(id?: string): Promise<void> {
+    return this.#inner.markDeleted?.(id) ?? Promise.resolve();
+  }
+  /** As the wrapped store. */
   listIncomplete(): Promise<string[]> {
     return this.#inner.listIncomplete();
   }

@@ -68,6 +68,10 @@ export interface FileSystemStoreOptions {
 }
 
 const OWNER_SUFFIX = ".owner";
+/** The tombstone of a clear: a name no id maps to. */
+const ALL_DELETED = ".all";
+/** Tombstones older than this are swept: no miss waits that long for its origin. */
+const TOMBSTONE_AGE = 3_600_000;
 const META_SUFFIX = ".json";
 const HIT_FLUSH_DELAY = 2_000;
 
@@ -168,7 +172,7 @@ export class FileSystemStore implements ImageStore {
   /** Creates the layout and sweeps partial files of dead owners. Retried after a failure. */
   #init(): Promise<void> {
     this.#ready ??= (async () => {
-      for (const sub of ["incomplete", "invalid", "queue"]) {
+      for (const sub of ["incomplete", "invalid", "queue", "deleted"]) {
         await mkdir(join(this.directory, sub), { recursive: true });
       }
       await this.#sweepIncomplete(false);
@@ -286,7 +290,7 @@ export class FileSystemStore implements ImageStore {
   /** An exclusive writer for `id`: `"busy"` while another live process fills it. */
   async createWriter(
     id: string,
-    _options?: CreateWriterOptions,
+    options?: CreateWriterOptions,
   ): Promise<ImageWriter | WriterRefusal> {
     const name = fileNameForId(id);
     if (name === undefined) return "unsupported-id";
@@ -324,7 +328,7 @@ export class FileSystemStore implements ImageStore {
       await removeIfPresent(ownerPath).catch(() => {});
       throw error;
     }
-    return new FileWriter(this, id, name, handle, reader, owner);
+    return new FileWriter(this, id, name, handle, reader, owner, options?.since ?? owner.started);
   }
 
   async #ownerLive(name: string): Promise<boolean> {
@@ -358,10 +362,15 @@ export class FileSystemStore implements ImageStore {
       hits: 0,
     };
     const ownerPath = this.#path("incomplete", writer.name + OWNER_SUFFIX);
-    // Deletion wins: if the lock is no longer ours, someone removed this fill.
+    // Deletion wins: if the lock is no longer ours, someone removed this fill;
+    // if a tombstone is as new as the request behind it, someone deleted the
+    // image (or cleared the cache) while it waited for the origin.
     const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
     if (current?.token !== this.#token || current.started !== writer.owner.started) {
       throw new Error(`Fill of "${writer.id}" lost its lock (deleted while filling)`);
+    }
+    if (await this.#deletedSince(writer.name, writer.since)) {
+      throw new Error(`Fill of "${writer.id}" was deleted while it waited for the origin`);
     }
     await writeFileAtomic(this.#path(writer.name + META_SUFFIX), JSON.stringify(entry));
     await rename(this.#path("incomplete", writer.name), this.#path(writer.name));
@@ -371,6 +380,29 @@ export class FileSystemStore implements ImageStore {
     const data = await stat(this.#path(writer.name));
     this.#known.set(writer.id, { entry, ino: data.ino, mtimeMs: data.mtimeMs });
     return { ...entry };
+  }
+
+  async #deletedSince(name: string, since: number): Promise<boolean> {
+    for (const file of [name, ALL_DELETED]) {
+      const info = await stat(this.#path("deleted", file)).catch(() => undefined);
+      if (info !== undefined && info.mtimeMs >= since) return true;
+    }
+    return false;
+  }
+
+  /**
+   * Leaves a tombstone (`deleted/<id>`, or `deleted/.all` for every image)
+   * so that a fill another process started before now cannot commit.
+   * Tombstones older than an hour are swept by `clean()`.
+   */
+  async markDeleted(id?: string): Promise<void> {
+    const name = id === undefined ? ALL_DELETED : fileNameForId(id);
+    if (name === undefined) return;
+    await this.#init();
+    const path = this.#path("deleted", name);
+    await writeFile(path, "");
+    const now = new Date();
+    await utimes(path, now, now);
   }
 
   /** Called by a writer when it gives up. */
@@ -507,7 +539,19 @@ export class FileSystemStore implements ImageStore {
     }
     const incomplete = await this.#sweepIncomplete(true);
     await this.#sweepTemporary();
+    await this.#sweepTombstones();
     return { invalid, incomplete };
+  }
+
+  async #sweepTombstones(): Promise<void> {
+    const now = Date.now();
+    for (const file of await readdir(this.#path("deleted"))) {
+      const path = this.#path("deleted", file);
+      const info = await stat(path).catch(() => undefined);
+      if (info !== undefined && now - info.mtimeMs > TOMBSTONE_AGE) {
+        await removeIfPresent(path).catch(() => {});
+      }
+    }
   }
 
   /**
@@ -592,6 +636,7 @@ class FileWriter implements ImageWriter {
     handle: import("node:fs/promises").FileHandle,
     reader: import("node:fs/promises").FileHandle,
     readonly owner: OwnerRecord,
+    readonly since: number,
   ) {
     this.#store = store;
     this.#handle = handle;

@@ -124,6 +124,13 @@ export type WriterRefusal = "busy" | "unsupported-id";
 export interface CreateWriterOptions {
   /** Announced size, when the origin sent a `Content-Length`. */
   expectedSize?: number;
+  /**
+   * When the request that leads to this fill started (ms since the epoch).
+   * A store shared by processes refuses to commit when the image was deleted
+   * (see {@linkcode ImageStore.markDeleted}) at or after that time.
+   * @default {now}
+   */
+  since?: number;
 }
 
 /** What {@linkcode ImageStore.clean} removed. */
@@ -188,6 +195,12 @@ export interface ImageStore {
   deleteIncomplete(id: string): Promise<boolean>;
   /** Ids with partial data (fills under way, in any process, or left by dead ones). */
   listIncomplete(): Promise<string[]>;
+  /**
+   * Records that `id` (or, without an id, every image) was deleted now, so
+   * that a fill another process started before cannot commit it. Only
+   * stores shared by processes need it.
+   */
+  markDeleted?(id?: string): Promise<void>;
   /** Adds `id` to the prefetch queue (idempotent). */
   enqueue(id: string): Promise<void>;
   /** Removes `id` from the queue. Resolves `true` when it was queued. */

@@ -56,6 +56,7 @@ describe("FileSystemStore", () => {
         await readBody(await a.request("/v2/images/img/file"));
         await store.enqueue("queued-one");
         assert.deepEqual(await tree(dir), [
+          "deleted",
           "img",
           "img.json",
           "incomplete",
@@ -325,7 +326,7 @@ describe("FileSystemStore with hostile ids", () => {
         }
         assert.deepEqual(await readdir(root), ["cache"], "nothing beside the cache directory");
         for (const name of await tree(dir)) {
-          assert.match(name, /^(incomplete|invalid|queue|[~A-Za-z0-9_-]+(\.json)?)$/, name);
+          assert.match(name, /^(deleted|incomplete|invalid|queue|[~A-Za-z0-9_-]+(\.json)?)$/, name);
         }
         const ids = (await store.list()).map((e) => e.id).sort();
         assert.deepEqual(ids, ["incomplete", "queue", "with space", "~7e", "été-🐧"].sort());
