@@ -216,7 +216,7 @@ const MiB = 2 ** 20;
 export function makeCatalog(rng: Rng, options: { count: number; largest: number }): Catalog {
   const catalog = new Catalog();
   const sizes = [0, 1, 2, 65535, 65536, 65537];
-  for (let i = sizes.length; i < options.count; i++) {
+  for (let i = sizes.length; i < options.count - 1; i++) {
     const kind = rng.weighted({ small: 4, medium: 4, large: 2 });
     if (kind === "small") sizes.push(rng.int(3, 256 * 1024));
     else if (kind === "medium") sizes.push(rng.int(256 * 1024, 8 * MiB));

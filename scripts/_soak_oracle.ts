@@ -117,6 +117,17 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
   const origin = world.originByRequest.get(exp.req) ?? [];
   const originStatus = (code: number) => origin.some((r) => r.status === code);
 
+  // A length that is not the image's (Content-Length, or the size in a Content-Range
+  // computed from it) is the origin's own lie, for a miss: such an answer may carry it,
+  // but must not end cleanly with a body.
+  const lengthFault = (r: OriginRecord) => r.fault === "short-length" || r.fault === "long-length";
+  const originLied = !hit && (origin.some(lengthFault) ||
+    (/collapsed/.test(cacheStatus) &&
+      world.originRecords.some((r) =>
+        r.id === image.id && lengthFault(r) && (r.done ?? Infinity) >= exp.started - 1000
+      )));
+  let mustFail = false;
+
   // What this status allows the body to be.
   let bodyStart = 0;
   let bodyEnd = size;
@@ -147,9 +158,15 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
         break;
       }
       const range = parseContentRange(res.headers.get("content-range"));
-      if (range === undefined || range.size !== size) {
+      if (range === undefined || (range.size !== size && !originLied)) {
         fail("http", `206 with Content-Range ${res.headers.get("content-range")} (size ${size})`);
         checkBody = false;
+        break;
+      }
+      if (range.size !== size) {
+        mustFail = true; // The fill announced a wrong length: it fails before the last byte.
+        bodyStart = Math.min(range.start, size);
+        bodyEnd = Math.min(range.end, size);
         break;
       }
       if (
@@ -170,7 +187,10 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
       checkBody = false;
       break;
     case 416:
-      if (requested !== "416" && !(requested === undefined && exp.range !== undefined && !multi)) {
+      if (
+        requested !== "416" && !originLied &&
+        !(requested === undefined && exp.range !== undefined && !multi)
+      ) {
         fail("http", `416 for a satisfiable Range ${exp.range} of ${size} bytes`);
       }
       checkBody = false;
@@ -213,13 +233,6 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
       }
     }
   }
-  // A Content-Length that is not the body's is the origin's own lie, for a miss.
-  const lengthFault = (r: OriginRecord) => r.fault === "short-length" || r.fault === "long-length";
-  const originLied = !hit && (origin.some(lengthFault) ||
-    (/collapsed/.test(cacheStatus) &&
-      world.originRecords.some((r) =>
-        r.id === image.id && lengthFault(r) && (r.done ?? Infinity) >= exp.started - 1000
-      )));
   const announced = res.headers.get("content-length");
   if (checkBody && announced !== null && !originLied && Number(announced) !== expectedLength) {
     fail("http", `Content-Length ${announced}, expected ${expectedLength}`);
@@ -291,7 +304,9 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     fail("hit-wrong-bytes", `hit with ${mismatches} wrong byte(s), first at ${firstMismatch}`);
   }
   let explained: string | undefined;
-  if (ending === "complete") {
+  if (ending === "complete" && mustFail) {
+    fail("clean-wrong-body", `a 206 of a fill that announced a wrong length ended cleanly`);
+  } else if (ending === "complete") {
     const exact = received === expectedLength && mismatches === 0;
     const originsOwn = (passThrough && received === expectedLength && mismatches === 1 &&
       firstMismatch === allowedFlip) ||
@@ -308,6 +323,9 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     explained = explainCut(exp, cacheStatus, endedAt, world);
     if (explained === undefined) {
       fail("unexplained-cut", `body cut after ${received} of ${expectedLength} bytes`);
+    } else if (explained === "store-read-fault") {
+      // Invariant 2 says the origin's bytes still reach the client: an open finding.
+      fail("store-fault-cut", `body cut after ${received} of ${expectedLength} bytes`);
     }
   } else if (ending === "timeout") {
     explained = world.killedBetween(exp.server, exp.started, endedAt) ? "killed" : undefined;
@@ -404,7 +422,7 @@ export interface DirectoryMemory {
 
 /** Options of {@linkcode checkDirectory}. */
 export interface DirectoryCheck {
-  /** The run's root: nothing may exist in it but `cache` (and `logs`). */
+  /** The run's root: nothing may exist in it but `cache`. */
   root: string;
   directory: string;
   catalog: Catalog;
@@ -485,7 +503,7 @@ export async function checkDirectory(check: DirectoryCheck): Promise<DirectoryRe
   for (const path of all) {
     const rel = relative(check.root, path);
     const top = rel.split("/")[0];
-    if (top !== "cache" && top !== "logs") fail("file-outside", `unexpected file ${rel}`);
+    if (top !== "cache") fail("file-outside", `unexpected file ${rel}`);
   }
 
   let names: string[];
@@ -496,7 +514,7 @@ export async function checkDirectory(check: DirectoryCheck): Promise<DirectoryRe
     return report;
   }
   for (const name of names) {
-    if (["incomplete", "invalid", "queue"].includes(name)) continue;
+    if (["deleted", "incomplete", "invalid", "queue"].includes(name)) continue;
     const tmp = /^(.*)\.json\.(\d+)-\d+\.tmp$/.exec(name);
     if (tmp !== null) {
       if (check.deadPids.has(Number(tmp[2]))) {

@@ -81,7 +81,7 @@ export function withStoreFaults(
       if (roll(rates.createWriter, "store-create-eacces")) throw fault("EACCES", "createWriter");
       const writer = await inner.createWriter(id, options);
       if (typeof writer === "string") return writer;
-      return {
+      const faulty: Partial<ImageWriter> = {
         async write(chunk) {
           if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
           if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
@@ -101,16 +101,24 @@ export function withStoreFaults(
           }
           return writer.commit(info);
         },
-        abort: (reason) => writer.abort(reason),
-        close: () => writer.close(),
       };
+      return forwarding(writer, faulty);
     },
   };
-  return new Proxy(inner, {
-    get(target, property) {
-      if (Object.hasOwn(overrides, property)) return overrides[property as keyof ImageStore];
-      const value = Reflect.get(target, property, target);
-      return typeof value === "function" ? value.bind(target) : value;
+  return forwarding(inner, overrides);
+}
+
+/**
+ * `target` with some methods replaced. Every other property, optional ones
+ * included (`ImageWriter.owned`), stays the target's own: a wrapper must
+ * not hide what the cache asks of the real store.
+ */
+function forwarding<T extends object>(target: T, overrides: Partial<T>): T {
+  return new Proxy(target, {
+    get(object, property) {
+      if (Object.hasOwn(overrides, property)) return overrides[property as keyof T];
+      const value = Reflect.get(object, property, object);
+      return typeof value === "function" ? value.bind(object) : value;
     },
   });
 }

@@ -57,8 +57,12 @@ interface SoakOptions {
   idleTimeout: number;
   /** Resident memory a server may reach, bytes (invariant 5). */
   maxRss: number;
+  /** Bytes of a tmpfs mounted on the cache directory (real ENOSPC; Linux, root). */
+  tmpfs?: number;
   keep: boolean;
   verbose: boolean;
+  /** Known issues (open findings) fail the run too. */
+  strict: boolean;
   json?: string;
 }
 
@@ -66,7 +70,7 @@ const MiB = 2 ** 20;
 
 const USAGE = `Usage: deno task soak [--quick] [--seed N] [--duration 90s|10m|1h]
        [--servers N] [--clients N] [--images N] [--largest MiB] [--kill-every SECONDS]
-       [--origin-faults P] [--no-store-faults] [--max-rss MiB] [--keep] [--verbose] [--json FILE]`;
+       [--origin-faults P] [--no-store-faults] [--max-rss MiB] [--tmpfs MiB] [--strict] [--keep] [--verbose] [--json FILE]`;
 
 function parseDuration(value: string): number {
   const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value);
@@ -84,7 +88,9 @@ function parseArgs(args: string[]): SoakOptions {
     }
     const eq = arg.indexOf("=");
     if (eq !== -1) flags.set(arg.slice(2, eq), arg.slice(eq + 1));
-    else if (["quick", "keep", "verbose", "no-store-faults", "help"].includes(arg.slice(2))) {
+    else if (
+      ["quick", "keep", "verbose", "no-store-faults", "strict", "help"].includes(arg.slice(2))
+    ) {
       flags.set(arg.slice(2), "true");
     } else if (i + 1 < args.length) flags.set(arg.slice(2), args[++i]);
     else throw new TypeError(`Missing value for ${arg}\n${USAGE}`);
@@ -106,8 +112,10 @@ function parseArgs(args: string[]): SoakOptions {
     "no-store-faults",
     "keep",
     "verbose",
+    "strict",
     "json",
     "max-rss",
+    "tmpfs",
   ];
   for (const key of flags.keys()) {
     if (!known.includes(key)) throw new TypeError(`Unknown option --${key}\n${USAGE}`);
@@ -148,7 +156,9 @@ function parseArgs(args: string[]): SoakOptions {
     storeFaults,
     idleTimeout: 20_000,
     maxRss: number("max-rss", 512) * MiB,
+    tmpfs: flags.has("tmpfs") ? number("tmpfs", 0) * MiB : undefined,
     keep: flags.has("keep"),
+    strict: flags.has("strict"),
     verbose: flags.has("verbose"),
     json: flags.get("json"),
   };
@@ -173,6 +183,8 @@ interface Slot {
   faults: { at: number; kind: string }[];
   stderr: string[];
   expectExit: boolean;
+  /** Exited by itself: the monitor restarts it. */
+  crashed: boolean;
   peakRss: number;
   features: { cacheApi: boolean };
 }
@@ -201,7 +213,29 @@ interface Counts {
 interface Found extends Violation {
   at: number;
   context: string;
+  /** The open finding it reproduces, when it is a known one. */
+  known?: string;
 }
+
+/**
+ * Violations that reproduce an open finding, each kept as a `todo` test in
+ * tests/regressions_test.ts. They are printed and counted apart, and fail
+ * the run only with `--strict`. Remove an entry when its finding is fixed.
+ */
+const KNOWN: { finding: string; matches(found: Found): boolean }[] = [
+  {
+    finding: "finding 9: a read-back fault cuts a trailing client",
+    matches: (found) => found.kind === "store-fault-cut",
+  },
+  {
+    finding: "finding 11: a miss awaiting its origin in another process is stored after a DELETE",
+    matches: (found) => found.kind === "deleted-but-served-cross-process",
+  },
+  {
+    finding: "finding 10: a restart leaves the cache over maxSize",
+    matches: (found) => found.kind === "over-max-size",
+  },
+];
 
 async function main(): Promise<number> {
   let options: SoakOptions;
@@ -232,7 +266,6 @@ async function main(): Promise<number> {
 
   const root = await mkdtemp(join(tmpdir(), "hono-image-cache-soak-"));
   const directory = join(root, "cache");
-  await mkdir(join(root, "logs"), { recursive: true });
   const origin = new SoakOrigin({
     catalog,
     rng: rng.fork(),
@@ -248,6 +281,7 @@ async function main(): Promise<number> {
     faults: [],
     stderr: [],
     expectExit: false,
+    crashed: false,
     peakRss: 0,
     features: { cacheApi: false },
   }));
@@ -270,8 +304,11 @@ async function main(): Promise<number> {
   const bump = (table: Record<string, number>, key: string, by = 1) =>
     table[key] = (table[key] ?? 0) + by;
   const violation = (v: Violation, context: string) => {
-    found.push({ ...v, at: Date.now() - started, context });
-    if (found.length <= 30) log(`VIOLATION ${v.kind}: ${v.message}\n    ${context}`);
+    const f: Found = { ...v, at: Date.now() - started, context };
+    f.known = KNOWN.find((k) => k.matches(f))?.finding;
+    found.push(f);
+    const label = f.known === undefined ? "VIOLATION" : `KNOWN (${f.known.split(":")[0]})`;
+    if (found.length <= 30) log(`${label} ${v.kind}: ${v.message}\n    ${context}`);
   };
   const warn = (message: string) => {
     const key = message.replace(/[0-9a-f]{8,}|\d+/g, "N").slice(0, 80);
@@ -364,26 +401,23 @@ async function main(): Promise<number> {
           slot.stderr.slice(-15).join("\n    "),
         );
         slot.kills.push(Date.now()); // Its clients were cut by the crash, already counted.
+        if (slot.pid === pid) slot.crashed = true;
       }
     });
-    const timeout = new Promise<never>((_, reject) =>
-      setTimeout(
-        () =>
-          reject(
-            new HarnessError(
-              `server ${slot.index} did not start in 30 s:\n${slot.stderr.join("\n")}`,
-            ),
-          ),
-        30_000,
-      )
-    );
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const stderr = slot.stderr.join("\n");
+        reject(new HarnessError(`server ${slot.index} did not start in 30 s:\n${stderr}`));
+      }, 30_000);
+    });
     const port = await Promise.race([
       readyPromise,
       timeout,
       child.status.then(() => {
         throw new HarnessError(`server ${slot.index} exited at start:\n${slot.stderr.join("\n")}`);
       }),
-    ]);
+    ]).finally(() => clearTimeout(timer));
     slot.url = `http://127.0.0.1:${port}`;
     slot.client = Deno.createHttpClient({});
     slot.up = true;
@@ -418,10 +452,17 @@ async function main(): Promise<number> {
     setTimeout(() => client?.close(), 2000);
   };
 
+  let mounted = false;
   const cleanup = async () => {
     stopping = true;
     await Promise.all(slots.map((slot) => killServer(slot).catch(() => {})));
     await origin.close().catch(() => {});
+    if (mounted) {
+      const umount = await new Deno.Command("umount", { args: [directory], stderr: "piped" })
+        .output().catch(() => undefined);
+      if (!umount?.success) log(`could not unmount the tmpfs on ${directory}`);
+      else mounted = false;
+    }
     if (!options.keep) await rm(root, { recursive: true, force: true }).catch(() => {});
     else log(`kept ${root}`);
   };
@@ -471,6 +512,22 @@ async function main(): Promise<number> {
 
   let exitCode = 0;
   try {
+    if (options.tmpfs !== undefined) {
+      // A small file system gives real ENOSPC (data, metadata, owner records, queue markers).
+      await mkdir(directory);
+      const size = `size=${Math.max(1, Math.ceil(options.tmpfs / MiB))}m`;
+      const mount = await new Deno.Command("mount", {
+        args: ["-t", "tmpfs", "-o", size, "tmpfs", directory],
+        stderr: "piped",
+      }).output().catch((error) => ({ success: false, stderr: new TextEncoder().encode(error) }));
+      if (!mount.success) {
+        throw new HarnessError(
+          `cannot mount a tmpfs (Linux, root only): ${new TextDecoder().decode(mount.stderr)}`,
+        );
+      }
+      mounted = true;
+      log(`tmpfs of ${size} mounted on the cache directory`);
+    }
     const originUrl = await origin.listen();
     serverConfig = { directory, origin: originUrl, maxSize, storeFaults: options.storeFaults };
     await Promise.all(slots.map((slot) => startServer(slot)));
@@ -587,8 +644,14 @@ async function main(): Promise<number> {
             .slice(-4).map((r) =>
               `${r.req}@${r.at - deleted.sent}ms:s${r.server}:${r.status}/${r.fault}`
             );
+          // Another process fetched the image shortly before the DELETE was sent: its
+          // miss may have been waiting for the origin then (finding 11).
+          const crossProcess = origin.records.some((r) =>
+            r.id === exp.image.id && r.method === "GET" && r.status === 200 && r.server >= 0 &&
+            r.server !== deleted.server && r.at <= deleted.sent && r.at >= deleted.sent - 10_000
+          );
           judged.violations.push({
-            kind: "deleted-but-served",
+            kind: crossProcess ? "deleted-but-served-cross-process" : "deleted-but-served",
             message:
               `"${judged.cacheStatus}" ${exp.started - deleted.at} ms after ${deleted.what} ` +
               `on server ${deleted.server}; last origin GETs (relative to sent): ${
@@ -936,12 +999,11 @@ async function main(): Promise<number> {
         }
         // Restart a server that crashed by itself.
         for (const slot of slots) {
-          if (!slot.up && slot.child === undefined) continue;
-          if (!slot.up && !slot.expectExit && !stopping) {
-            slot.child = undefined;
-            await startServer(slot);
-            counts.restarts++;
-          }
+          if (!slot.crashed || stopping) continue;
+          slot.crashed = false;
+          slot.child = undefined;
+          await startServer(slot);
+          counts.restarts++;
         }
         if (Date.now() - last >= 10_000) {
           last = Date.now();
@@ -965,10 +1027,7 @@ async function main(): Promise<number> {
 
     // -- The end: crash everything, restart one server, check strictly ---------
     log("workload over: killing every server, restarting one, checking");
-    await Promise.all(slots.map(async (slot) => {
-      await killServer(slot);
-      counts.kills++;
-    }));
+    await Promise.all(slots.map((slot) => killServer(slot)));
     origin.setFaultRate(0);
     await startServer(slots[0], NO_STORE_FAULTS);
     counts.restarts++;
@@ -1037,8 +1096,11 @@ async function main(): Promise<number> {
     directoryChecks: counts.checks,
     peakRssMiB: slots.map((s) => Math.round(s.peakRss / MiB)),
     warnings: counts.warnings,
-    violations: found.length,
+    violations: found.filter((f) => f.known === undefined).length,
     violationsByKind: byKind,
+    knownIssues: Object.fromEntries(
+      KNOWN.map((k) => [k.finding, found.filter((f) => f.known === k.finding).length]),
+    ),
   };
   console.log("\n== soak summary ==");
   console.log(JSON.stringify(summary, null, 2));
@@ -1047,9 +1109,15 @@ async function main(): Promise<number> {
   }
   const replay = `deno task soak --seed ${options.seed} --duration ${options.duration / 1000}s` +
     (options.quick ? " --quick" : "");
-  if (found.length > 0) {
-    console.log(`\n${found.length} violation(s). Replay with: ${replay}`);
-    for (const f of found.slice(0, 50)) {
+  const failing = found.filter((f) => f.known === undefined || options.strict);
+  const known: Record<string, number> = {};
+  for (const f of found) if (f.known !== undefined) bump(known, f.known);
+  for (const [finding, count] of Object.entries(known)) {
+    console.log(`KNOWN${options.strict ? "" : ", not counted"}: ${count} × ${finding}`);
+  }
+  if (failing.length > 0) {
+    console.log(`\n${failing.length} violation(s). Replay with: ${replay}`);
+    for (const f of failing.slice(0, 50)) {
       console.log(`- [${(f.at / 1000).toFixed(1)}s] ${f.kind}: ${f.message}\n    ${f.context}`);
     }
     return exitCode || 1;

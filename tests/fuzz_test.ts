@@ -5,8 +5,10 @@
  * owner records, queue markers, stray files).
  *
  * Seeded: `FUZZ_SEED=<n>` replays a run, `FUZZ_SCALE=<k>` multiplies the
- * iterations (the default keeps the suite fast). Every failure message
- * starts with the seed.
+ * iterations (the default keeps the suite fast), `FUZZ_ALL=1` applies every
+ * disk corruption to every image and lists all failures at once. Every
+ * failure message starts with the seed. Corruptions that reproduce an open
+ * finding run in their own `todo` tests (`RUN_OPEN_FINDINGS=1` runs them).
  *
  * @module
  */
@@ -176,11 +178,13 @@ async function checkSandbox(sandbox: string) {
     if (parts.length === 0) continue;
     const [top, ...rest] = parts;
     if (rest.length === 0) {
-      if (["incomplete", "invalid", "queue"].includes(top)) continue;
+      if (["deleted", "incomplete", "invalid", "queue"].includes(top)) continue;
       assert.ok(allowedName(top), `${tag} unexpected name ${JSON.stringify(path)}`);
     } else {
-      assert.ok(["incomplete", "invalid", "queue"].includes(top), `${tag} nested ${path}`);
-      assert.ok(rest.length === 1 && allowedName(rest[0]), `${tag} unexpected ${path}`);
+      assert.ok(["deleted", "incomplete", "invalid", "queue"].includes(top), `${tag} nested ${path}`);
+      const name = rest[0];
+      const tombstone = top === "deleted" && name === ".all"; // the tombstone of a clear
+      assert.ok(rest.length === 1 && (tombstone || allowedName(name)), `${tag} unexpected ${path}`);
     }
   }
 }
@@ -197,18 +201,26 @@ function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
  */
 async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-fuzz-"));
-  let failed = false;
+  let result: T;
   try {
-    return await fn(dir);
+    result = await fn(dir);
   } catch (error) {
-    failed = true;
+    await removeDir(dir).catch(() => {});
     throw error;
-  } finally {
-    await rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 }).catch(
-      (error) => {
-        if (!failed) throw error;
-      },
-    );
+  }
+  await removeDir(dir);
+  return result;
+}
+
+/** Removes a directory, retrying while a store still removes files in it (up to 2 s). */
+async function removeDir(dir: string): Promise<void> {
+  for (let attempt = 0;; attempt++) {
+    try {
+      return await rm(dir, { recursive: true, force: true });
+    } catch (error) {
+      if (attempt >= 40) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
 }
 
@@ -492,6 +504,228 @@ async function judgeHit(
       assert.equal(res.headers.get("content-range"), `bytes */${size}`, `${where}: 416 range`);
       break;
   }
+}
+
+// ---------------------------------------------------------------------------
+
+/** Where a corruption applies, and the randomness it may use. */
+interface Target {
+  r: Rng;
+  directory: string;
+  name: string;
+  size: number;
+}
+
+/** One way to damage the files of an entry (or the layout around it). */
+interface Corruption {
+  label: string;
+  /** An open finding this corruption reproduces (its test is `todo` until fixed). */
+  finding?: string;
+  apply(t: Target): Promise<void>;
+}
+
+const metaPath = (t: Target) => join(t.directory, t.name + ".json");
+const dataPath = (t: Target) => join(t.directory, t.name);
+
+/** Rewrites one field of the metadata file (`a.b` for a nested one). */
+function field(path: string, value: unknown, finding?: string): Corruption {
+  return {
+    label: `${path}=${JSON.stringify(value)?.slice(0, 40)}`,
+    finding,
+    async apply(t) {
+      const entry = JSON.parse(await readFile(metaPath(t), "utf8"));
+      const [outer, inner] = path.split(".");
+      if (inner === undefined) entry[outer] = value;
+      else entry[outer] = { ...entry[outer], [inner]: value };
+      await writeFile(metaPath(t), JSON.stringify(entry));
+    },
+  };
+}
+
+function owner(record: string, withData: boolean): Corruption {
+  return {
+    label: `owner record ${record.slice(0, 50)}${withData ? " with partial data" : ""}`,
+    async apply(t) {
+      await writeFile(join(t.directory, "incomplete", t.name + ".owner"), record);
+      if (withData) {
+        await writeFile(join(t.directory, "incomplete", t.name), pattern(t.r.int(0, 100)));
+      }
+    },
+  };
+}
+
+const INVALID_HEADER = "finding 6: an invalid stored header makes hits fail with 500";
+const MALFORMED_DIGEST =
+  "finding 7: a malformed digest or a stored Content-MD5 that is not the digest is served";
+const BAD_TIME = "finding 8: an out-of-range time in metadata gives Last-Modified: Invalid Date";
+
+/** Every corruption the fuzz applies, one at a time. */
+const CORRUPTIONS: Corruption[] = [
+  { label: "metadata removed", apply: (t) => rm(metaPath(t), { force: true }) },
+  {
+    label: "metadata truncated",
+    async apply(t) {
+      const text = await readFile(metaPath(t), "utf8");
+      await writeFile(metaPath(t), text.slice(0, t.r.int(0, text.length - 1)));
+    },
+  },
+  {
+    label: "metadata random bytes",
+    apply: (t) => writeFile(metaPath(t), pattern(t.r.int(0, 300), t.r.int(1, 1000))),
+  },
+  ...["null", "[]", "5", '"x"', "{}", '{"__proto__":{"size":1}}'].map((text) => ({
+    label: `metadata ${text}`,
+    apply: (t: Target) => writeFile(metaPath(t), text),
+  })),
+  ...[-1, 1.5, "0", null, 1e300].map((v) => field("size", v)),
+  {
+    label: "size off by one",
+    async apply(t) {
+      const entry = JSON.parse(await readFile(metaPath(t), "utf8"));
+      entry.size = t.size + (t.r.chance(0.5) || t.size === 0 ? 1 : -1);
+      await writeFile(metaPath(t), JSON.stringify(entry));
+    },
+  },
+  ...["other", "", null, 5].map((v) => field("id", v)),
+  ...["sha1", "MD5", null, 5].map((v) => field("digest.algorithm", v)),
+  ...["", "zz", "0".repeat(64), "not hex at all", 5, null].map((v) =>
+    field("digest.value", v, v === "not hex at all" ? MALFORMED_DIGEST : undefined)
+  ),
+  field("digest", null),
+  ...[null, [], { "x-n": 5 }].map((v) => field("headers", v)),
+  ...[
+    { "content-length": "999999" },
+    { etag: '"evil"' },
+    { "x-image-meta-location": "file:///secret" },
+  ].map((v) => field("headers", v)),
+  field("headers", { "content-md5": "forged" }, MALFORMED_DIGEST),
+  ...[{ "content-type": "a\r\nb" }, { "bad name": "x" }, { "content-type": "\u00e9\u0000" }]
+    .map((v) => field("headers", v, INVALID_HEADER)),
+  ...[-1, "x", null, 1.5].map((v) => field("created", v)),
+  ...[1e20, -1e300].map((v) => field("created", v, BAD_TIME)),
+  ...[-1, 1e20, "x", null].map((v) => field("lastAccessed", v)),
+  ...[-1, 1.5, 1e300, "3", null].map((v) => field("hits", v)),
+  {
+    label: "data truncated or grown",
+    async apply(t) {
+      if (t.size === 0) await writeFile(dataPath(t), "x");
+      else await truncate(dataPath(t), t.r.int(0, t.size - 1));
+    },
+  },
+  { label: "data removed", apply: (t) => rm(dataPath(t), { force: true }) },
+  {
+    label: "data replaced by a directory",
+    async apply(t) {
+      await rm(dataPath(t), { force: true });
+      await mkdir(dataPath(t));
+    },
+  },
+  ...[
+    "",
+    "{",
+    '{"pid":1,"host":"elsewhere","token":"t","started":0}',
+    JSON.stringify({ pid: 2 ** 22 + 7, host: "localhost", token: "t", started: 1 }),
+    JSON.stringify({ pid: process.pid, host: "x", token: "not-live", started: 1 }),
+    JSON.stringify({ pid: 0, host: "x", token: "t", started: 1 }),
+    JSON.stringify({ pid: -1, host: "x", token: "t", started: 1 }),
+  ].flatMap((record) => [owner(record, false), owner(record, true)]),
+  {
+    label: "queue marker of random bytes",
+    apply: (t) => writeFile(join(t.directory, "queue", t.name), pattern(t.r.int(0, 5000))),
+  },
+  {
+    label: "queue marker of no id",
+    apply: (t) => writeFile(join(t.directory, "queue", "..."), "x"),
+  },
+  { label: "directory in queue/", apply: (t) => mkdir(join(t.directory, "queue", "a-dir")) },
+  { label: "stray metadata of no id", apply: (t) => writeFile(join(t.directory, "~zz.json"), "{") },
+  {
+    label: "invalid/ replaced by a file",
+    async apply(t) {
+      await rm(join(t.directory, "invalid"), { recursive: true, force: true });
+      await writeFile(join(t.directory, "invalid"), "not a directory");
+    },
+  },
+];
+
+const DAMAGED_IDS = ["big", "empty", "one", "~odd é"];
+const DAMAGED_SIZES = new Map([["big", 70_000], ["empty", 0], ["one", 1], ["~odd é", 3000]]);
+
+/** The file name of an id (the documented rule: plain ids as is, others hex behind `~`). */
+function nameOf(id: string): string {
+  if (/^[A-Za-z0-9_-]+$/.test(id) && !["deleted", "incomplete", "invalid", "queue"].includes(id)) return id;
+  return "~" + Array.from(new TextEncoder().encode(id), (b) => b.toString(16).padStart(2, "0"))
+    .join("");
+}
+
+/**
+ * Fills every image, damages the files of `target` with `corruption`, then
+ * checks a fresh store (as a restarted process): its listing shows no wrong
+ * entry, and every image is served whole and right, from the cache or the
+ * origin, with well-formed validators on hits.
+ */
+async function damagedRound(r: Rng, corruption: Corruption, target: string): Promise<void> {
+  await withTempDir(async (sandbox) => {
+    const directory = join(sandbox, "cache");
+    const appOver = (store: ImageStore) => {
+      const app = new Hono();
+      app.use(imageCache({ store, onError: () => {} }));
+      originApp(app, DAMAGED_SIZES);
+      return app;
+    };
+    const first = new FileSystemStore({ directory });
+    const app1 = appOver(first);
+    for (const id of DAMAGED_IDS) {
+      await readBody(await app1.request(`/v2/images/${encodeURIComponent(id)}/file`));
+    }
+    await first.close();
+
+    await corruption.apply({
+      r,
+      directory,
+      name: nameOf(target),
+      size: DAMAGED_SIZES.get(target)!,
+    });
+    const context = `${tag} ${corruption.label} of ${JSON.stringify(target)}`;
+
+    const store = new FileSystemStore({ directory });
+    const app = appOver(store);
+    try {
+      // The store may refuse (its layout is broken), never crash.
+      for (const entry of (await store.list().catch(() => undefined)) ?? []) {
+        assert.equal(entry.size, DAMAGED_SIZES.get(entry.id), `${context}: lists ${entry.id}`);
+      }
+      for (const id of await store.queued().catch(() => [])) {
+        assert.equal(typeof id, "string", context);
+      }
+      for (let round = 0; round < 2; round++) {
+        for (const id of DAMAGED_IDS) {
+          const res = await app.request(`/v2/images/${encodeURIComponent(id)}/file`);
+          const status = res.headers.get("cache-status");
+          const where = `${context}: GET ${
+            JSON.stringify(id)
+          } (round ${round}) -> ${res.status} ${status}`;
+          assert.equal(res.status, 200, where);
+          const { bytes, error } = await readBody(res);
+          assert.equal(error, undefined, `${where}: ${error}`);
+          assert.ok(equalBytes(bytes, imageOf(id, DAMAGED_SIZES)), `${where}: wrong bytes`);
+          if (status === "hono-image-cache; hit") {
+            const md5 = res.headers.get("content-md5");
+            const truth = hexDigest(imageOf(id, DAMAGED_SIZES));
+            assert.ok(md5 === null || md5 === truth, `${where}: Content-MD5 ${md5}`);
+            const etag = res.headers.get("etag") ?? "";
+            assert.ok(/^"[\x21\x23-\x7e]+"$/.test(etag), `${where}: ETag ${etag}`);
+            const modified = Date.parse(res.headers.get("last-modified") ?? "");
+            assert.ok(Number.isFinite(modified), `${where}: Last-Modified`);
+            assert.equal(res.headers.get("content-length"), String(bytes.byteLength), where);
+          }
+        }
+      }
+      await store.clean().catch(() => {});
+    } finally {
+      await store.close();
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -797,223 +1031,3 @@ describe(`fuzz: hostile input ${tag}`, () => {
     );
   }
 });
-
-/** Where a corruption applies, and the randomness it may use. */
-interface Target {
-  r: Rng;
-  directory: string;
-  name: string;
-  size: number;
-}
-
-/** One way to damage the files of an entry (or the layout around it). */
-interface Corruption {
-  label: string;
-  /** An open finding this corruption reproduces (its test is `todo` until fixed). */
-  finding?: string;
-  apply(t: Target): Promise<void>;
-}
-
-const metaPath = (t: Target) => join(t.directory, t.name + ".json");
-const dataPath = (t: Target) => join(t.directory, t.name);
-
-/** Rewrites one field of the metadata file (`a.b` for a nested one). */
-function field(path: string, value: unknown, finding?: string): Corruption {
-  return {
-    label: `${path}=${JSON.stringify(value)?.slice(0, 40)}`,
-    finding,
-    async apply(t) {
-      const entry = JSON.parse(await readFile(metaPath(t), "utf8"));
-      const [outer, inner] = path.split(".");
-      if (inner === undefined) entry[outer] = value;
-      else entry[outer] = { ...entry[outer], [inner]: value };
-      await writeFile(metaPath(t), JSON.stringify(entry));
-    },
-  };
-}
-
-function owner(record: string, withData: boolean): Corruption {
-  return {
-    label: `owner record ${record.slice(0, 50)}${withData ? " with partial data" : ""}`,
-    async apply(t) {
-      await writeFile(join(t.directory, "incomplete", t.name + ".owner"), record);
-      if (withData) {
-        await writeFile(join(t.directory, "incomplete", t.name), pattern(t.r.int(0, 100)));
-      }
-    },
-  };
-}
-
-const INVALID_HEADER = "finding 6: an invalid stored header makes hits fail with 500";
-const MALFORMED_DIGEST =
-  "finding 7: a malformed digest or a stored Content-MD5 that is not the digest is served";
-const BAD_TIME = "finding 8: an out-of-range time in metadata gives Last-Modified: Invalid Date";
-
-/** Every corruption the fuzz applies, one at a time. */
-const CORRUPTIONS: Corruption[] = [
-  { label: "metadata removed", apply: (t) => rm(metaPath(t), { force: true }) },
-  {
-    label: "metadata truncated",
-    async apply(t) {
-      const text = await readFile(metaPath(t), "utf8");
-      await writeFile(metaPath(t), text.slice(0, t.r.int(0, text.length - 1)));
-    },
-  },
-  {
-    label: "metadata random bytes",
-    apply: (t) => writeFile(metaPath(t), pattern(t.r.int(0, 300), t.r.int(1, 1000))),
-  },
-  ...["null", "[]", "5", '"x"', "{}", '{"__proto__":{"size":1}}'].map((text) => ({
-    label: `metadata ${text}`,
-    apply: (t: Target) => writeFile(metaPath(t), text),
-  })),
-  ...[-1, 1.5, "0", null, 1e300].map((v) => field("size", v)),
-  {
-    label: "size off by one",
-    async apply(t) {
-      const entry = JSON.parse(await readFile(metaPath(t), "utf8"));
-      entry.size = t.size + (t.r.chance(0.5) || t.size === 0 ? 1 : -1);
-      await writeFile(metaPath(t), JSON.stringify(entry));
-    },
-  },
-  ...["other", "", null, 5].map((v) => field("id", v)),
-  ...["sha1", "MD5", null, 5].map((v) => field("digest.algorithm", v)),
-  ...["", "zz", "0".repeat(64), "not hex at all", 5, null].map((v) =>
-    field("digest.value", v, v === "not hex at all" ? MALFORMED_DIGEST : undefined)
-  ),
-  field("digest", null),
-  ...[null, [], { "x-n": 5 }].map((v) => field("headers", v)),
-  ...[
-    { "content-length": "999999" },
-    { etag: '"evil"' },
-    { "x-image-meta-location": "file:///secret" },
-  ].map((v) => field("headers", v)),
-  field("headers", { "content-md5": "forged" }, MALFORMED_DIGEST),
-  ...[{ "content-type": "a\r\nb" }, { "bad name": "x" }, { "content-type": "\u00e9\u0000" }]
-    .map((v) => field("headers", v, INVALID_HEADER)),
-  ...[-1, "x", null, 1.5].map((v) => field("created", v)),
-  ...[1e20, -1e300].map((v) => field("created", v, BAD_TIME)),
-  ...[-1, 1e20, "x", null].map((v) => field("lastAccessed", v)),
-  ...[-1, 1.5, 1e300, "3", null].map((v) => field("hits", v)),
-  {
-    label: "data truncated or grown",
-    async apply(t) {
-      if (t.size === 0) await writeFile(dataPath(t), "x");
-      else await truncate(dataPath(t), t.r.int(0, t.size - 1));
-    },
-  },
-  { label: "data removed", apply: (t) => rm(dataPath(t), { force: true }) },
-  {
-    label: "data replaced by a directory",
-    async apply(t) {
-      await rm(dataPath(t), { force: true });
-      await mkdir(dataPath(t));
-    },
-  },
-  ...[
-    "",
-    "{",
-    '{"pid":1,"host":"elsewhere","token":"t","started":0}',
-    JSON.stringify({ pid: 2 ** 22 + 7, host: "localhost", token: "t", started: 1 }),
-    JSON.stringify({ pid: process.pid, host: "x", token: "not-live", started: 1 }),
-    JSON.stringify({ pid: 0, host: "x", token: "t", started: 1 }),
-    JSON.stringify({ pid: -1, host: "x", token: "t", started: 1 }),
-  ].flatMap((record) => [owner(record, false), owner(record, true)]),
-  {
-    label: "queue marker of random bytes",
-    apply: (t) => writeFile(join(t.directory, "queue", t.name), pattern(t.r.int(0, 5000))),
-  },
-  {
-    label: "queue marker of no id",
-    apply: (t) => writeFile(join(t.directory, "queue", "..."), "x"),
-  },
-  { label: "directory in queue/", apply: (t) => mkdir(join(t.directory, "queue", "a-dir")) },
-  { label: "stray metadata of no id", apply: (t) => writeFile(join(t.directory, "~zz.json"), "{") },
-  {
-    label: "invalid/ replaced by a file",
-    async apply(t) {
-      await rm(join(t.directory, "invalid"), { recursive: true, force: true });
-      await writeFile(join(t.directory, "invalid"), "not a directory");
-    },
-  },
-];
-
-const DAMAGED_IDS = ["big", "empty", "one", "~odd é"];
-const DAMAGED_SIZES = new Map([["big", 70_000], ["empty", 0], ["one", 1], ["~odd é", 3000]]);
-
-/** The file name of an id (the documented rule: plain ids as is, others hex behind `~`). */
-function nameOf(id: string): string {
-  if (/^[A-Za-z0-9_-]+$/.test(id) && !["incomplete", "invalid", "queue"].includes(id)) return id;
-  return "~" + Array.from(new TextEncoder().encode(id), (b) => b.toString(16).padStart(2, "0"))
-    .join("");
-}
-
-/**
- * Fills every image, damages the files of `target` with `corruption`, then
- * checks a fresh store (as a restarted process): its listing shows no wrong
- * entry, and every image is served whole and right, from the cache or the
- * origin, with well-formed validators on hits.
- */
-async function damagedRound(r: Rng, corruption: Corruption, target: string): Promise<void> {
-  await withTempDir(async (sandbox) => {
-    const directory = join(sandbox, "cache");
-    const appOver = (store: ImageStore) => {
-      const app = new Hono();
-      app.use(imageCache({ store, onError: () => {} }));
-      originApp(app, DAMAGED_SIZES);
-      return app;
-    };
-    const first = new FileSystemStore({ directory });
-    const app1 = appOver(first);
-    for (const id of DAMAGED_IDS) {
-      await readBody(await app1.request(`/v2/images/${encodeURIComponent(id)}/file`));
-    }
-    await first.close();
-
-    await corruption.apply({
-      r,
-      directory,
-      name: nameOf(target),
-      size: DAMAGED_SIZES.get(target)!,
-    });
-    const context = `${tag} ${corruption.label} of ${JSON.stringify(target)}`;
-
-    const store = new FileSystemStore({ directory });
-    const app = appOver(store);
-    try {
-      // The store may refuse (its layout is broken), never crash.
-      for (const entry of (await store.list().catch(() => undefined)) ?? []) {
-        assert.equal(entry.size, DAMAGED_SIZES.get(entry.id), `${context}: lists ${entry.id}`);
-      }
-      for (const id of await store.queued().catch(() => [])) {
-        assert.equal(typeof id, "string", context);
-      }
-      for (let round = 0; round < 2; round++) {
-        for (const id of DAMAGED_IDS) {
-          const res = await app.request(`/v2/images/${encodeURIComponent(id)}/file`);
-          const status = res.headers.get("cache-status");
-          const where = `${context}: GET ${
-            JSON.stringify(id)
-          } (round ${round}) -> ${res.status} ${status}`;
-          assert.equal(res.status, 200, where);
-          const { bytes, error } = await readBody(res);
-          assert.equal(error, undefined, `${where}: ${error}`);
-          assert.ok(equalBytes(bytes, imageOf(id, DAMAGED_SIZES)), `${where}: wrong bytes`);
-          if (status === "hono-image-cache; hit") {
-            const md5 = res.headers.get("content-md5");
-            const truth = hexDigest(imageOf(id, DAMAGED_SIZES));
-            assert.ok(md5 === null || md5 === truth, `${where}: Content-MD5 ${md5}`);
-            const etag = res.headers.get("etag") ?? "";
-            assert.ok(/^"[\x21\x23-\x7e]+"$/.test(etag), `${where}: ETag ${etag}`);
-            const modified = Date.parse(res.headers.get("last-modified") ?? "");
-            assert.ok(Number.isFinite(modified), `${where}: Last-Modified`);
-            assert.equal(res.headers.get("content-length"), String(bytes.byteLength), where);
-          }
-        }
-      }
-      await store.clean().catch(() => {});
-    } finally {
-      await store.close();
-    }
-  });
-}
