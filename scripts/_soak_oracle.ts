@@ -632,13 +632,13 @@ export async function checkDirectory(check: DirectoryCheck): Promise<DirectoryRe
   }
   memory.unowned = unowned;
   memory.deadOwners = deadOwners;
-  for (const sub of ["invalid", "queue"] as const) {
+  for (const sub of ["invalid", "queue", "deleted"] as const) {
     for (const file of await readdir(join(directory, sub)).catch(() => [] as string[])) {
-      if (file.endsWith(".tmp")) continue;
+      if (file.endsWith(".tmp") || (sub === "deleted" && file === ".all")) continue;
       if (idForName(file) === undefined) {
         fail("stray-file", `unexpected name in ${sub}/: ${JSON.stringify(file)}`);
       } else if (sub === "invalid") report.invalid++;
-      else report.queued++;
+      else if (sub === "queue") report.queued++;
     }
   }
   return report;

@@ -92,14 +92,18 @@ export function withStoreFaults(
           return writer.read(position, length);
         },
         async commit(info) {
-          if (roll(rates.slowCommit, "store-slow-fsync")) {
-            await new Promise((resolve) => setTimeout(resolve, rng.int(200, 2000)));
-          }
           if (roll(rates.failCommit, "store-fsync-eio")) {
             await writer.abort("discard");
             throw fault("EIO", "commit");
           }
-          return writer.commit(info);
+          // A slow fsync: the writer is settled at once (as a real commit settles it
+          // before its fsync), and the commit takes 0.2-2 s longer.
+          const committed = writer.commit(info);
+          committed.catch(() => {}); // Handled below, after the delay.
+          if (roll(rates.slowCommit, "store-slow-fsync")) {
+            await new Promise((resolve) => setTimeout(resolve, rng.int(200, 2000)));
+          }
+          return await committed;
         },
       };
       return forwarding(writer, faulty);

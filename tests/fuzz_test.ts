@@ -181,7 +181,10 @@ async function checkSandbox(sandbox: string) {
       if (["deleted", "incomplete", "invalid", "queue"].includes(top)) continue;
       assert.ok(allowedName(top), `${tag} unexpected name ${JSON.stringify(path)}`);
     } else {
-      assert.ok(["deleted", "incomplete", "invalid", "queue"].includes(top), `${tag} nested ${path}`);
+      assert.ok(
+        ["deleted", "incomplete", "invalid", "queue"].includes(top),
+        `${tag} nested ${path}`,
+      );
       const name = rest[0];
       const tombstone = top === "deleted" && name === ".all"; // the tombstone of a clear
       assert.ok(rest.length === 1 && (tombstone || allowedName(name)), `${tag} unexpected ${path}`);
@@ -554,11 +557,6 @@ function owner(record: string, withData: boolean): Corruption {
   };
 }
 
-const INVALID_HEADER = "finding 6: an invalid stored header makes hits fail with 500";
-const MALFORMED_DIGEST =
-  "finding 7: a malformed digest or a stored Content-MD5 that is not the digest is served";
-const BAD_TIME = "finding 8: an out-of-range time in metadata gives Last-Modified: Invalid Date";
-
 /** Every corruption the fuzz applies, one at a time. */
 const CORRUPTIONS: Corruption[] = [
   { label: "metadata removed", apply: (t) => rm(metaPath(t), { force: true }) },
@@ -588,9 +586,7 @@ const CORRUPTIONS: Corruption[] = [
   },
   ...["other", "", null, 5].map((v) => field("id", v)),
   ...["sha1", "MD5", null, 5].map((v) => field("digest.algorithm", v)),
-  ...["", "zz", "0".repeat(64), "not hex at all", 5, null].map((v) =>
-    field("digest.value", v, v === "not hex at all" ? MALFORMED_DIGEST : undefined)
-  ),
+  ...["", "zz", "0".repeat(64), "not hex at all", 5, null].map((v) => field("digest.value", v)),
   field("digest", null),
   ...[null, [], { "x-n": 5 }].map((v) => field("headers", v)),
   ...[
@@ -598,11 +594,11 @@ const CORRUPTIONS: Corruption[] = [
     { etag: '"evil"' },
     { "x-image-meta-location": "file:///secret" },
   ].map((v) => field("headers", v)),
-  field("headers", { "content-md5": "forged" }, MALFORMED_DIGEST),
+  field("headers", { "content-md5": "forged" }),
   ...[{ "content-type": "a\r\nb" }, { "bad name": "x" }, { "content-type": "\u00e9\u0000" }]
-    .map((v) => field("headers", v, INVALID_HEADER)),
+    .map((v) => field("headers", v)),
   ...[-1, "x", null, 1.5].map((v) => field("created", v)),
-  ...[1e20, -1e300].map((v) => field("created", v, BAD_TIME)),
+  ...[1e20, -1e300].map((v) => field("created", v)),
   ...[-1, 1e20, "x", null].map((v) => field("lastAccessed", v)),
   ...[-1, 1.5, 1e300, "3", null].map((v) => field("hits", v)),
   {
@@ -653,7 +649,9 @@ const DAMAGED_SIZES = new Map([["big", 70_000], ["empty", 0], ["one", 1], ["~odd
 
 /** The file name of an id (the documented rule: plain ids as is, others hex behind `~`). */
 function nameOf(id: string): string {
-  if (/^[A-Za-z0-9_-]+$/.test(id) && !["deleted", "incomplete", "invalid", "queue"].includes(id)) return id;
+  if (/^[A-Za-z0-9_-]+$/.test(id) && !["deleted", "incomplete", "invalid", "queue"].includes(id)) {
+    return id;
+  }
   return "~" + Array.from(new TextEncoder().encode(id), (b) => b.toString(16).padStart(2, "0"))
     .join("");
 }
