@@ -77,7 +77,7 @@ export type CommitInfo = Pick<ImageEntry, "size" | "digest" | "headers">;
  *
  * const store = new MemoryStore();
  * const writer = await store.createWriter("img");
- * assert.ok(writer);
+ * if (typeof writer === "string") throw new Error(`No writer: ${writer}`);
  * await writer.write(new TextEncoder().encode("hello"));
  * await writer.commit({
  *   size: 5,

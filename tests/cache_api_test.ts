@@ -453,7 +453,12 @@ describe("methods, authorization and ids", () => {
         }
         assert.deepEqual(asked, [], "authorize is not even asked");
         assert.deepEqual(await listing(app), { cached_images: [], queued_images: [] });
-        assert.deepEqual((await readdir(directory)).sort(), ["deleted", "incomplete", "invalid", "queue"]);
+        assert.deepEqual((await readdir(directory)).sort(), [
+          "deleted",
+          "incomplete",
+          "invalid",
+          "queue",
+        ]);
       });
     });
   });

@@ -74,7 +74,12 @@ describe("pruning by least recent use", () => {
         assert.deepEqual(await res.json(), { total_files_pruned: 3, total_bytes_pruned: 3072 });
         assert.deepEqual(await cachedIds(app), []);
       });
-      assert.deepEqual((await readdir(directory)).sort(), ["deleted", "incomplete", "invalid", "queue"]);
+      assert.deepEqual((await readdir(directory)).sort(), [
+        "deleted",
+        "incomplete",
+        "invalid",
+        "queue",
+      ]);
     });
   });
 
