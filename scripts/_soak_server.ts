@@ -1,7 +1,7 @@
 /**
- * One soak server process: a Hono app with `imageCache()` (and `cacheApi()`
- * when the library has it) over a `FileSystemStore` on the shared directory,
- * wrapped in a fault-injecting store, in front of the soak origin.
+ * One soak server process: a Hono app with `cacheApi()` and `imageCache()`
+ * over a `FileSystemStore` on the shared directory, wrapped in a
+ * fault-injecting store, in front of the soak origin.
  *
  * Started by `scripts/soak.ts` with one argument, a JSON config. Speaks on
  * stdout, one line per event: `READY {"port","pid","features"}` once the
@@ -12,8 +12,7 @@
  * @module
  */
 import { Hono } from "hono";
-import * as lib from "../mod.ts";
-import { FileSystemStore, imageCache } from "../mod.ts";
+import { cacheApi, FileSystemStore, imageCache } from "../mod.ts";
 import { Rng } from "./_soak_data.ts";
 import { type StoreFaultRates, withStoreFaults } from "./_soak_store.ts";
 
@@ -46,28 +45,25 @@ const store = withStoreFaults(
   (kind) => out(`FAULT ${kind}`),
 );
 
+/** Cache-side faults, counted by the orchestrator. */
+const onError = (error: unknown) =>
+  out(`ERROR ${String((error as Error)?.message ?? error).slice(0, 200)}`);
+
 const app = new Hono();
-const cacheApi = (lib as Record<string, unknown>).cacheApi as
-  | ((options: Record<string, unknown>) => Hono)
-  | undefined;
-if (typeof cacheApi === "function") {
-  app.route(
-    "/",
-    cacheApi({
-      store,
-      authorize: () => true,
-      fetchImage: (id: string, signal: AbortSignal) =>
-        fetch(`${config.origin}/v2/images/${encodeURIComponent(id)}/file`, {
-          signal,
-          headers: { "x-soak-req": "prefetch", "x-soak-server": String(config.index) },
-        }),
-    }),
-  );
-}
-app.use(imageCache({
-  store,
-  onError: (error) => out(`ERROR ${String((error as Error)?.message ?? error).slice(0, 200)}`),
-}));
+app.route(
+  "/",
+  cacheApi({
+    store,
+    authorize: () => true,
+    onError,
+    fetchImage: (id: string, signal: AbortSignal) =>
+      fetch(`${config.origin}/v2/images/${encodeURIComponent(id)}/file`, {
+        signal,
+        headers: { "x-soak-req": "prefetch", "x-soak-server": String(config.index) },
+      }),
+  }),
+);
+app.use(imageCache({ store, onError }));
 app.all("*", async (c) => {
   const url = c.req.url;
   const path = url.slice(url.indexOf("/", url.indexOf("://") + 3));
@@ -99,7 +95,7 @@ const server = Deno.serve({
       JSON.stringify({
         port,
         pid: Deno.pid,
-        features: { cacheApi: typeof cacheApi === "function" },
+        features: { cacheApi: true },
       })
     }`);
   },

@@ -69,8 +69,10 @@ export interface FillInit {
 }
 
 interface Reader {
-  /** The next byte this reader needs. */
+  /** The next byte this reader needs (`Infinity`: it pins no byte of the fill). */
   position: number;
+  /** The last byte of a range, kept aside while it waits for verification. */
+  parked?: Uint8Array;
 }
 
 interface WindowChunk {
@@ -403,10 +405,20 @@ export class Fill {
    * `null` at the end. Waits for the fill; rejects when it fails.
    */
   async read(reader: Reader, position: number, end = Infinity): Promise<Uint8Array | null> {
-    reader.position = position;
+    reader.position = reader.parked === undefined ? position : Infinity;
     for (;;) {
       if (position >= end) return null;
       if (this.state === "failed") throw this.error;
+      if (reader.parked !== undefined) {
+        if (this.state !== "verified") {
+          await this.#tick;
+          continue;
+        }
+        const last = reader.parked;
+        reader.parked = undefined;
+        reader.position = position + last.byteLength;
+        return last;
+      }
       // Every reader's last byte waits for verification, a range's included:
       // a client never sees a clean end of bytes that may fail it.
       const stop = this.state === "verified"
@@ -419,6 +431,15 @@ export class Fill {
         return bytes;
       }
       if (this.state === "verified" && position >= Math.min(end, this.#written)) return null;
+      if (this.state === "running" && position === end - 1 && this.#written >= end) {
+        // A range with every byte but its last, which waits for verification:
+        // keep that byte aside, so this reader holds no memory of the fill and
+        // a detached fill never waits for it (it would wait forever).
+        reader.parked = (await this.#bytesAt(position, end)).slice();
+        reader.position = Infinity;
+        this.#readerMoved();
+        continue;
+      }
       await this.#tick;
     }
   }

@@ -412,4 +412,63 @@ describe("regressions found by the soak", () => {
       });
     },
   );
+
+  it(
+    "a range joined to a fill that then loses its store does not stall the fill nor its clients",
+    async () => {
+      const image = pattern(24 * 2 ** 20, 5);
+      // The store fails after 1 MiB: the fill goes on without it, bounded by its slowest client.
+      const store = new FaultyStore(new MemoryStore(), { faults: { failWriteAfter: 2 ** 20 } });
+      const app = new Hono();
+      app.use(imageCache({ store, onError: () => {} }));
+      app.get(
+        "/v2/images/:id/file",
+        (c) =>
+          c.body(slowStream(image, 64 * 1024), 200, {
+            "content-length": String(image.byteLength),
+            "content-md5": hexDigest(image),
+          }),
+      );
+      const full = await app.request("/v2/images/a/file");
+      const ranged = await app.request("/v2/images/a/file", { headers: { range: "bytes=0-99" } });
+      assert.equal(ranged.headers.get("cache-status"), "hono-image-cache; fwd=miss; collapsed");
+      // Read both; if nothing moves for 5 s, hang up (a stalled fill has nothing left to do).
+      const readers = [full.body!.getReader(), ranged.body!.getReader()];
+      const received = [0, 0];
+      const failed = [false, false];
+      let last = Date.now();
+      const reading = readers.map(async (reader, i) => {
+        try {
+          for (;;) {
+            const { done, value } = await reader.read();
+            if (done) return;
+            received[i] += value.byteLength;
+            last = Date.now();
+          }
+        } catch {
+          failed[i] = true;
+        }
+      });
+      let stalled = false;
+      const watch = (async () => {
+        while (received[0] < image.byteLength && !failed[0]) {
+          await sleep(100);
+          if (Date.now() - last > 5000) {
+            stalled = true;
+            for (const reader of readers) await reader.cancel().catch(() => {});
+            return;
+          }
+        }
+      })();
+      await Promise.all(reading);
+      await watch;
+      assert.ok(
+        !stalled,
+        `the fill and its clients stalled at ${received[0]} and ${received[1]} bytes`,
+      );
+      assert.equal(failed[0], false);
+      assert.equal(received[0], image.byteLength);
+      assert.ok(failed[1] || received[1] === 100);
+    },
+  );
 });
