@@ -374,6 +374,14 @@ export class FileSystemStore implements ImageStore {
     }
     await writeFileAtomic(this.#path(writer.name + META_SUFFIX), JSON.stringify(entry));
     await rename(this.#path("incomplete", writer.name), this.#path(writer.name));
+    // Checked again after the rename: a DELETE in another process that wrote its
+    // tombstone between the check above and the rename may have listed the
+    // directory before the entry appeared. Either it sees the entry, or this does.
+    if (await this.#deletedSince(writer.name, writer.since)) {
+      await this.#removeEntry(writer.name);
+      await removeIfPresent(ownerPath);
+      throw new Error(`Fill of "${writer.id}" was deleted while it committed`);
+    }
     await syncDirectory(this.directory);
     await removeIfPresent(ownerPath);
     await removeIfPresent(this.#path("queue", writer.name)).catch(() => {});
