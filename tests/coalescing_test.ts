@@ -12,7 +12,9 @@ import {
   readRest,
   sleep,
   startServer,
+  STORES,
   waitFor,
+  withStore as withKind,
   withTempDir,
 } from "./_helpers.ts";
 
@@ -58,22 +60,9 @@ function cachedApp(
   return app;
 }
 
-const STORES: [string, (dir: string) => ImageStore][] = [
-  ["MemoryStore", () => new MemoryStore()],
-  ["FileSystemStore", (dir) => new FileSystemStore({ directory: dir })],
-];
-
 for (const [kind, make] of STORES) {
   describe(`coalesced fills with ${kind}`, () => {
-    const withStore = (fn: (store: ImageStore) => Promise<void>) => () =>
-      withTempDir(async (dir) => {
-        const store = make(dir);
-        try {
-          await fn(store);
-        } finally {
-          await store.close();
-        }
-      });
+    const withStore = (fn: (store: ImageStore) => Promise<void>) => withKind(make, fn);
 
     for (const clients of [10, 100]) {
       it(
