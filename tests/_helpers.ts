@@ -10,15 +10,23 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FileSystemStore, type ImageStore, MemoryStore } from "hono-image-cache";
 
-/** Runs `fn` with a fresh temporary directory, removed afterwards. */
+/**
+ * Runs `fn` with a fresh temporary directory, removed afterwards with
+ * retries (a store may still be moving a failed fill's files as a test
+ * ends); a failure of `fn` is never hidden by a failed removal.
+ */
 export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-test-"));
+  const remove = () => rm(dir, { recursive: true, force: true, maxRetries: 40, retryDelay: 50 });
+  let result: T;
   try {
-    return await fn(dir);
-  } finally {
-    // A fill may still be moving a file to invalid/ as the test ends: retry.
-    await rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 });
+    result = await fn(dir);
+  } catch (error) {
+    await remove().catch(() => {});
+    throw error;
   }
+  await remove();
+  return result;
 }
 
 /** The two stores every behaviour is checked with, each made fresh in a directory. */

@@ -15,8 +15,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { mkdir, mkdtemp, readdir, readFile, rm, truncate, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir, readdir, readFile, rm, truncate, writeFile } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { Hono } from "hono";
 import {
@@ -28,7 +27,7 @@ import {
   matchRoute,
 } from "hono-image-cache";
 import { MemoryStore } from "hono-image-cache/testing";
-import { hexDigest, pattern, readBody } from "./_helpers.ts";
+import { hexDigest, pattern, readBody, withTempDir } from "./_helpers.ts";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 9) >>> 0;
 const SCALE = Math.max(0.1, Number(process.env.FUZZ_SCALE ?? 1));
@@ -196,35 +195,6 @@ function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.byteLength !== b.byteLength) return false;
   for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
   return true;
-}
-
-/**
- * Runs `fn` in a fresh temporary directory, removed afterwards. Unlike
- * `withTempDir`, a failure of `fn` is never hidden by a failed removal.
- */
-async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-fuzz-"));
-  let result: T;
-  try {
-    result = await fn(dir);
-  } catch (error) {
-    await removeDir(dir).catch(() => {});
-    throw error;
-  }
-  await removeDir(dir);
-  return result;
-}
-
-/** Removes a directory, retrying while a store still removes files in it (up to 2 s). */
-async function removeDir(dir: string): Promise<void> {
-  for (let attempt = 0;; attempt++) {
-    try {
-      return await rm(dir, { recursive: true, force: true });
-    } catch (error) {
-      if (attempt >= 40) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------

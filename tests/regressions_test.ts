@@ -12,46 +12,15 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Hono } from "hono";
 import { cacheApi, FileSystemStore, imageCache, type ImageStore } from "hono-image-cache";
 import { FaultyStore, MemoryStore } from "hono-image-cache/testing";
-import { hexDigest, pattern, readBody, sleep, slowStream } from "./_helpers.ts";
+import { hexDigest, pattern, readBody, sleep, slowStream, withTempDir } from "./_helpers.ts";
 
 /** `todo` for a finding still open, unless `RUN_OPEN_FINDINGS` is set. */
 const open = (finding: string) => process.env.RUN_OPEN_FINDINGS ? {} : { todo: finding };
-
-/**
- * A fresh temporary directory for `fn`, removed afterwards. The removal
- * retries: a store may still be removing a failed fill's files when a test
- * ends, and a failure of `fn` is never hidden by a failed removal.
- */
-async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-regression-"));
-  let result: T;
-  try {
-    result = await fn(dir);
-  } catch (error) {
-    await removeDir(dir).catch(() => {});
-    throw error;
-  }
-  await removeDir(dir);
-  return result;
-}
-
-/** Removes a directory, retrying while a store still removes files in it (up to 2 s). */
-async function removeDir(dir: string): Promise<void> {
-  for (let attempt = 0;; attempt++) {
-    try {
-      return await rm(dir, { recursive: true, force: true });
-    } catch (error) {
-      if (attempt >= 40) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-}
 
 /** A gate a test opens once. */
 function gate(): { wait: Promise<void>; open: () => void } {
