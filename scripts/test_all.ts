@@ -52,6 +52,8 @@ interface Result {
   skipped: number;
   ms: number;
   note: string;
+  /** The names of the failed tests, as the runner printed them. */
+  failures?: string[];
 }
 const results: Result[] = [];
 
@@ -159,6 +161,7 @@ function record(
   run: Exec,
   counts: Counts | undefined,
   note = "",
+  failures: string[] = [],
 ) {
   let { passed = 0, failed = 0, skipped = 0 } = counts ?? {};
   const notes = [note];
@@ -179,6 +182,7 @@ function record(
     skipped,
     ms: run.ms,
     note: notes.filter(Boolean).join("; "),
+    failures,
   });
 }
 
@@ -238,6 +242,29 @@ export function bunCounts(output: string): Counts | undefined {
   };
 }
 
+/** The failed tests' names: Bun's `(fail) a > b [1.00ms]`, Node's `✖ b (1.2ms)`. */
+export function failedNames(output: string): string[] {
+  const names = [
+    ...output.matchAll(/^\(fail\) (.+?)(?: \[[\d.]+m?s\])?$/gm),
+    ...output.matchAll(/^\s*✖ (.+?) \([\d.]+m?s\)$/gm),
+  ].map((match) => match[1].trim());
+  return [...new Set(names)];
+}
+
+/** The failed leaves of Deno's JUnit report. */
+export function denoFailedNames(xml: string): string[] {
+  const cases = [
+    ...xml.matchAll(/<testcase name="([^"]*)"[^>]*?(?:\/>|>([\s\S]*?)<\/testcase>)/g),
+  ].map((match) => ({ name: match[1], body: match[2] ?? "" }));
+  return cases.filter((testCase) =>
+    /<failure|<error/.test(testCase.body) &&
+    !cases.some((other) => other.name.startsWith(`${testCase.name} &gt; `))
+  ).map((testCase) =>
+    testCase.name.replaceAll("&gt;", ">").replaceAll("&lt;", "<").replaceAll("&quot;", '"')
+      .replaceAll("&amp;", "&")
+  );
+}
+
 /**
  * Deno's JUnit report, counted like Node and Bun count: the leaves. Deno
  * reports a `describe` as a test and each `it` as a step (`group > name`);
@@ -284,7 +311,7 @@ async function runDeno(targets: string[], work: string) {
     ...targets,
   ]);
   const xml = await readFile(junit, "utf8").catch(() => "");
-  record(`deno ${Deno.version.deno} (source)`, run, denoCounts(xml));
+  record(`deno ${Deno.version.deno} (source)`, run, denoCounts(xml), "", denoFailedNames(xml));
 }
 
 /** The real binary behind `npx -y <pkg>` (so a timeout can kill its whole process group). */
@@ -417,7 +444,7 @@ async function runSuite(runtime: Runtime, bin: string, project: string, files: s
       `--timeout=${TEST_TIMEOUT}`,
       ...files.map((file) => `./${file}`),
     ], { cwd: project });
-    record(name, run, bunCounts(run.output));
+    record(name, run, bunCounts(run.output), "", failedNames(run.output));
   } else {
     header(`${name}: node --test (${files.length} files)`);
     const run = await exec(bin, [
@@ -427,7 +454,7 @@ async function runSuite(runtime: Runtime, bin: string, project: string, files: s
       "--test-concurrency=2",
       ...files,
     ], { cwd: project });
-    record(name, run, nodeCounts(run.output));
+    record(name, run, nodeCounts(run.output), "", failedNames(run.output));
   }
 }
 
@@ -447,6 +474,10 @@ function summary(startedAt: number) {
         (result.ms / 1000).toFixed(1).padStart(6)
       } s${result.note ? `  ${result.note}` : ""}`,
     );
+    // The failed tests' names, so that the last lines of a run say what failed.
+    const failures = result.failures ?? [];
+    for (const failure of failures.slice(0, 10)) console.log(`       failed: ${failure}`);
+    if (failures.length > 10) console.log(`       ... and ${failures.length - 10} more`);
   }
   console.log(`total: ${total.passed} passed, ${total.failed} failed, ${total.skipped} skipped`);
   return total.failed === 0;

@@ -411,6 +411,12 @@ export class FileSystemStore implements ImageStore {
     await writeFile(path, "");
     const now = new Date();
     await utimes(path, now, now);
+    // Fills are refused when their request started at or before the tombstone's
+    // millisecond. Return only once the clock has moved past it, so that a request
+    // that starts after this DELETE has answered is never mistaken for an older one.
+    for (let spins = 0; Date.now() <= now.getTime() && spins < 50; spins++) {
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
   }
 
   /** Called by a writer when it gives up. */

@@ -8,7 +8,13 @@ import assert from "node:assert/strict";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { checkPackage } from "../../scripts/build_npm.ts";
-import { bunCounts, denoCounts, nodeCounts } from "../../scripts/test_all.ts";
+import {
+  bunCounts,
+  denoCounts,
+  denoFailedNames,
+  failedNames,
+  nodeCounts,
+} from "../../scripts/test_all.ts";
 import { withTempDir } from "../_helpers.ts";
 
 describe("test output counting", () => {
@@ -40,6 +46,14 @@ describe("test output counting", () => {
     </testsuites>`;
     assert.deepEqual(denoCounts(xml), { passed: 2, failed: 1, skipped: 1 });
     assert.equal(denoCounts(""), undefined);
+    assert.deepEqual(denoFailedNames(xml), ["group > nested > deep"]);
+  });
+
+  it("names the failed tests of Bun and Node, once each", () => {
+    const bun = "(pass) a > b [1.00ms]\n(fail) a > c [5.20ms]\n(fail) d\n";
+    assert.deepEqual(failedNames(bun), ["a > c", "d"]);
+    const node = "▶ a\n  ✖ c (5.2ms)\n✖ a (6ms)\n✖ failing tests:\n\n  ✖ c (5.2ms)\n";
+    assert.deepEqual(failedNames(node), ["c", "a"]);
   });
 });
 
