@@ -246,6 +246,81 @@ for (const [kind, make] of STORES) {
   });
 }
 
+/** A MemoryStore whose writes wait for `gate`, then take `delay` ms each, and are recorded by size. */
+class SlowDiskStore extends MemoryStore {
+  writes: number[] = [];
+  gate: Promise<void>;
+  open!: () => void;
+  readonly delay: number;
+  // No parameter property: Node's type stripping does not take them.
+  constructor(delay = 0) {
+    super();
+    this.delay = delay;
+    this.gate = new Promise((resolve) => this.open = resolve);
+  }
+  override async createWriter(id: string) {
+    const writer = await super.createWriter(id);
+    if (typeof writer === "string") return writer;
+    const write = writer.write.bind(writer);
+    writer.write = async (chunk: Uint8Array) => {
+      this.writes.push(chunk.byteLength);
+      await this.gate;
+      if (this.delay > 0) await sleep(this.delay);
+      await write(chunk);
+    };
+    return writer;
+  }
+}
+
+describe("a fill and a slow disk", () => {
+  it("gathers the chunks that arrive during a store write into writes of about 1 MiB", async () => {
+    // Each write takes 20 ms: meanwhile 64 KiB chunks keep arriving, and are gathered.
+    const store = new SlowDiskStore(20);
+    store.open();
+    const origin = slowOrigin(0);
+    const app = new Hono();
+    app.use(imageCache({ store, onError: () => {} }));
+    app.get("/v2/images/:id/file", origin.respond);
+    const res = await app.request("/v2/images/a/file");
+    const { bytes, error } = await readBody(res);
+    assert.equal(error, undefined);
+    assertBytes(bytes, IMAGE);
+    assert.ok(await store.get("a"), "committed");
+    assert.equal(store.writes.reduce((sum, size) => sum + size, 0), SIZE);
+    assert.ok(store.writes.length < SIZE / CHUNK / 4, `${store.writes.length} writes`);
+    assert.ok(store.writes.every((size) => size <= 2 ** 20 + CHUNK), String(store.writes));
+  });
+
+  it("stops reading the origin while the store trails by more than 4 MiB", async () => {
+    const store = new SlowDiskStore();
+    const image = pattern(16 * 2 ** 20, 3);
+    let pulled = 0;
+    const app = new Hono();
+    app.use(imageCache({ store, onError: () => {} }));
+    app.get("/v2/images/:id/file", (c) =>
+      c.body(
+        new ReadableStream<Uint8Array>({
+          pull(controller) {
+            if (pulled >= image.byteLength) return controller.close();
+            controller.enqueue(image.slice(pulled, pulled + CHUNK));
+            pulled += CHUNK;
+          },
+        }, { highWaterMark: 0 }),
+        200,
+        { "content-length": String(image.byteLength), "content-md5": hexDigest(image) },
+      ));
+    const res = await app.request("/v2/images/a/file");
+    await sleep(200);
+    // 4 MiB ahead of the store, plus the chunks in flight: memory stays bounded.
+    assert.ok(pulled <= 4 * 2 ** 20 + 4 * CHUNK, `read ${pulled} bytes ahead of a stalled disk`);
+    store.open();
+    const { bytes, error } = await readBody(res);
+    assert.equal(error, undefined);
+    assertBytes(bytes, image);
+    assert.ok(await store.get("a"), "committed");
+  });
+});
+
 describe("coalesced fills over a real server", () => {
   it("serves 10 concurrent HTTP clients from one origin read, and clients that hang up cost nothing", async () => {
     await withTempDir(async (dir) => {
