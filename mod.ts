@@ -53,6 +53,7 @@ export type {
   Digest,
   DigestAlgorithm,
   ImageEntry,
+  ImageFollower,
   ImageStore,
   ImageWriter,
   WriterRefusal,

@@ -6,6 +6,7 @@
  * @module
  */
 import { Fill, FillError } from "./_fill.ts";
+import { followedSource } from "./_follow.ts";
 import { installPruning } from "./_prune.ts";
 import type { ExpectedDigest } from "./digest.ts";
 import type { ImageEntry, ImageStore, ImageWriter } from "./image_store.ts";
@@ -52,6 +53,12 @@ export interface CacheHooks {
   /** Called after {@linkcode CacheCore.evict} removed what `id` had. */
   evicted?: (id: string) => void;
 }
+
+/**
+ * How long another process's fill may stand still, its owner alive, before a
+ * process following it goes on from its own origin answer.
+ */
+const FOLLOW_STALL = 10_000;
 
 /** A miss whose origin answer is awaited: later requests for the image wait for it. */
 export interface Claim {
@@ -265,11 +272,20 @@ export class CacheCore {
       if (!NOT_FOR_JOINERS.has(name)) responseHeaders.set(name, value);
     }
     if (typeof writer === "string") {
-      // Another process owns the fill: pass through, shared by this process's waiters.
-      return new Fill({
+      // Another process owns the fill: not stored here, shared by this process's
+      // waiters. Its bytes come from the other process's file while it grows,
+      // with the origin's body held in reserve (src/_follow.ts).
+      const follower = await store.follow?.(id).catch((error) => {
+        options.onError(error);
+        return undefined;
+      });
+      const source = follower === undefined
+        ? response.body
+        : followedSource(follower, response.body, expectedLength, { stallTime: FOLLOW_STALL });
+      const fill = new Fill({
         id,
         writer: NO_WRITER,
-        source: response.body,
+        source,
         expectedLength,
         expected: options.expected,
         storedHeaders: {},
@@ -278,6 +294,8 @@ export class CacheCore {
         commit: false,
         onError: options.onError,
       });
+      fill.followed = follower !== undefined;
+      return fill;
     }
     const fill = new Fill({
       id,

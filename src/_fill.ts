@@ -98,6 +98,8 @@ export class Fill {
   error: FillError | undefined;
   /** The committed entry, once committed. */
   committed: ImageEntry | undefined;
+  /** Whether the bytes come from another process's fill (not stored here). */
+  followed = false;
   /** Settles when the pump is done and the commit (if any) is over. Never rejects. */
   readonly done: Promise<void>;
   /**

@@ -8,6 +8,7 @@ import type {
   CleanResult,
   CreateWriterOptions,
   ImageEntry,
+  ImageFollower,
   ImageStore,
   ImageWriter,
   WriterRefusal,
@@ -27,7 +28,7 @@ export interface Faults {
   failGet?: boolean;
   /** `body` rejects. */
   failBody?: boolean;
-  /** Writer reads (trailing clients) reject. */
+  /** Writer reads (trailing clients) and follower reads reject. */
   failRead?: boolean;
 }
 
@@ -159,6 +160,19 @@ export class FaultyStore implements ImageStore {
   /** As the wrapped store. */
   markDeleted(id?: string): Promise<void> {
     return this.#inner.markDeleted?.(id) ?? Promise.resolve();
+  }
+  /** As the wrapped store; the follower's reads fail with `failRead`. */
+  async follow(id: string): Promise<ImageFollower | undefined> {
+    const follower = await this.#inner.follow?.(id);
+    if (follower === undefined) return undefined;
+    return {
+      read: (position, length) =>
+        this.faults.failRead
+          ? Promise.reject(fault("EIO", "read"))
+          : follower.read(position, length),
+      state: () => follower.state(),
+      close: () => follower.close(),
+    };
   }
   /** As the wrapped store. */
   listIncomplete(): Promise<string[]> {

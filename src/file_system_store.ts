@@ -32,6 +32,7 @@ import type {
   CommitInfo,
   CreateWriterOptions,
   ImageEntry,
+  ImageFollower,
   ImageStore,
   ImageWriter,
   WriterRefusal,
@@ -344,6 +345,53 @@ export class FileSystemStore implements ImageStore {
     // A record being written right now is empty for an instant: judge it by age.
     if (record === undefined) return Date.now() - info.mtimeMs < HEARTBEAT_INTERVAL * 2;
     return ownerAlive(record, info.mtimeMs);
+  }
+
+  /**
+   * Reads the fill of `id` that another process owns (`incomplete/<id>`),
+   * as it grows; `undefined` when there is none. The open file outlives a
+   * rename, so a commit does not interrupt the reader.
+   */
+  async follow(id: string): Promise<ImageFollower | undefined> {
+    const name = fileNameForId(id);
+    if (name === undefined) return undefined;
+    await this.#init();
+    const dataPath = this.#path("incomplete", name);
+    let handle: import("node:fs/promises").FileHandle;
+    let ino: number;
+    try {
+      handle = await open(dataPath, "r");
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw error;
+    }
+    try {
+      ino = (await handle.stat()).ino;
+    } catch (error) {
+      await handle.close().catch(() => {});
+      throw error;
+    }
+    const committedPath = this.#path(name);
+    let closed = false;
+    return {
+      read: async (position, length) => {
+        const buffer = new Uint8Array(length);
+        const { bytesRead } = await handle.read(buffer, 0, length, position);
+        return bytesRead === length ? buffer : buffer.subarray(0, bytesRead);
+      },
+      state: async () => {
+        // Still the file being filled, by a live owner; or committed under its name.
+        const filling = await stat(dataPath).catch(() => undefined);
+        if (filling?.ino === ino) return await this.#ownerLive(name) ? "filling" : "gone";
+        const committed = await stat(committedPath).catch(() => undefined);
+        return committed?.ino === ino ? "committed" : "gone";
+      },
+      close: async () => {
+        if (closed) return;
+        closed = true;
+        await handle.close();
+      },
+    };
   }
 
   /** Called by a writer when it commits. */

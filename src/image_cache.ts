@@ -371,7 +371,8 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const stored = result.detached === undefined;
     if (!stored) core.countPassThrough("busy");
     if (name !== false) {
-      headers.set("cache-status", `${name}; fwd=miss; ${stored ? "stored" : "detail=busy"}`);
+      const status = stored ? "stored" : result.followed ? "collapsed; detail=busy" : "detail=busy";
+      headers.set("cache-status", `${name}; fwd=miss; ${status}`);
     }
     c.res = undefined;
     c.res = new Response(fillBody(result), { status: 200, headers });

@@ -133,6 +133,57 @@ export interface CreateWriterOptions {
   since?: number;
 }
 
+/**
+ * Reads the partial data of a fill that another process owns, as it grows
+ * (see {@linkcode ImageStore.follow}).
+ *
+ * @example Following another process's fill
+ * ```ts
+ * import { FileSystemStore } from "hono-image-cache";
+ * import { mkdtemp, rm } from "node:fs/promises";
+ * import { tmpdir } from "node:os";
+ * import { join } from "node:path";
+ * import assert from "node:assert/strict";
+ *
+ * const directory = await mkdtemp(join(tmpdir(), "follow-"));
+ * // Two stores on one directory stand for two processes.
+ * const owner = new FileSystemStore({ directory });
+ * const other = new FileSystemStore({ directory });
+ * const writer = await owner.createWriter("img");
+ * if (typeof writer === "string") throw new Error(writer);
+ * await writer.write(new TextEncoder().encode("hello"));
+ * assert.equal(await other.createWriter("img"), "busy");
+ * const follower = await other.follow("img");
+ * assert.ok(follower);
+ * assert.equal(new TextDecoder().decode(await follower.read(0, 5)), "hello");
+ * assert.equal((await follower.read(5, 5)).byteLength, 0); // nothing more yet
+ * assert.equal(await follower.state(), "filling");
+ * await follower.close();
+ * await writer.abort("discard");
+ * await writer.close();
+ * await owner.close();
+ * await other.close();
+ * await rm(directory, { recursive: true });
+ * ```
+ */
+export interface ImageFollower {
+  /**
+   * Up to `length` bytes from `position`; empty when none are there (yet).
+   * Bytes once read never change: the owner only appends.
+   */
+  read(position: number, length: number): Promise<Uint8Array>;
+  /**
+   * Where the followed fill is: `"filling"`, its owner alive and still
+   * writing this very file; `"committed"`, complete under its name (every
+   * byte is there: a read at the end is the end); `"gone"`, its owner died,
+   * failed or was deleted, and no more bytes will come (what was read is
+   * trustworthy only once verified).
+   */
+  state(): Promise<"filling" | "committed" | "gone">;
+  /** Releases the file. Idempotent. */
+  close(): Promise<void>;
+}
+
 /** What {@linkcode ImageStore.clean} removed. */
 export interface CleanResult {
   /** Files removed from `invalid/`. */
@@ -201,6 +252,14 @@ export interface ImageStore {
    * stores shared by processes need it.
    */
   markDeleted?(id?: string): Promise<void>;
+  /**
+   * Reads the fill of `id` that another process owns (when `createWriter`
+   * answered `"busy"`), or `undefined` when there is none to read. The
+   * cache then serves its own clients from that file instead of a second
+   * origin download, with the origin's answer held in reserve. Only stores
+   * shared by processes need it.
+   */
+  follow?(id: string): Promise<ImageFollower | undefined>;
   /** Adds `id` to the prefetch queue (idempotent). */
   enqueue(id: string): Promise<void>;
   /** Removes `id` from the queue. Resolves `true` when it was queued. */

@@ -140,4 +140,38 @@ describe("processes sharing one cache directory", () => {
       })
     );
   });
+
+  it("a process following another's fill serves the whole image when that process is killed", async () => {
+    await withTempDir((dir) =>
+      withOrigin(5, async (originUrl) => {
+        const { md5 } = await generatedDigests("img", SIZE);
+        let owner: Child | undefined;
+        let follower: Child | undefined;
+        try {
+          owner = await startChild(dir, originUrl);
+          follower = await startChild(dir, originUrl);
+          const first = await fetch(`${owner.url}/v2/images/img/file`);
+          const reader = first.body!.getReader();
+          await reader.read(); // The owner's fill is under way.
+          await waitFor(async () =>
+            (await readdir(join(dir, "incomplete"))).some((name) => name === "img")
+          );
+          const second = await fetch(`${follower.url}/v2/images/img/file`);
+          assert.equal(
+            second.headers.get("cache-status"),
+            "hono-image-cache; fwd=miss; collapsed; detail=busy",
+          );
+          const reading = readBody(second);
+          await stop(owner); // SIGKILL mid-fill.
+          await reader.cancel().catch(() => {});
+          const { bytes, error } = await reading;
+          assert.equal(error, undefined);
+          assert.equal(hexDigest(bytes), md5);
+        } finally {
+          await stop(owner);
+          await stop(follower);
+        }
+      })
+    );
+  });
 });

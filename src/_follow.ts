@@ -1,0 +1,137 @@
+/**
+ * Following another process's fill. When a store answers `"busy"` (another
+ * live process owns the fill of this image), this process still has the
+ * origin's answer in hand: its headers are in, its body not yet read. The
+ * body of {@linkcode followedSource} takes the bytes from the other
+ * process's growing file instead, and keeps the origin's body in reserve:
+ * if that file stops (its owner died, failed or was deleted, or it stood
+ * still too long), it goes on from the origin, skipping the bytes already
+ * sent. The origin's own length and digest verify the whole (the `Fill`
+ * that reads this source checks them and holds the last byte back), so a
+ * client never gets a clean end of bytes that do not match.
+ *
+ * @module
+ */
+import type { ImageFollower } from "./image_store.ts";
+
+/** Largest read of the followed file. */
+const READ_CHUNK = 256 * 1024;
+/** First wait when the followed file has no new bytes; it doubles up to POLL_MAX. */
+const POLL_MIN = 2;
+const POLL_MAX = 50;
+
+/** Options of {@linkcode followedSource}. */
+export interface FollowOptions {
+  /** How long the file may stand still, its owner alive, before the origin takes over (ms). */
+  stallTime: number;
+  /** Told when the source switches to the origin, with the byte it goes on from. */
+  onFallback?: (position: number, why: string) => void;
+}
+
+/**
+ * The bytes of an image: from `follower` while it delivers, then from
+ * `origin` (its first bytes skipped). `length` is the origin's
+ * `Content-Length`; without one, the followed file ends the body once it is
+ * committed. Cancels `origin` unread when the followed file had every byte.
+ */
+export function followedSource(
+  follower: ImageFollower,
+  origin: ReadableStream<Uint8Array>,
+  length: number | undefined,
+  options: FollowOptions,
+): ReadableStream<Uint8Array> {
+  let position = 0;
+  let fromOrigin: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  /** Origin bytes still to drop: they were sent from the followed file. */
+  let skip = 0;
+  let released = false;
+  const release = () => {
+    if (released) return;
+    released = true;
+    follower.close().catch(() => {});
+  };
+  const fallBack = (why: string) => {
+    release();
+    options.onFallback?.(position, why);
+    skip = position;
+    fromOrigin = origin.getReader();
+  };
+  const read = () => follower.read(position, Math.min(READ_CHUNK, (length ?? Infinity) - position));
+
+  /**
+   * The next bytes of the followed file; `null` at its end (committed, all
+   * read); `undefined` once it will give no more (the origin takes over).
+   */
+  const nextFromFile = async (): Promise<Uint8Array | null | undefined> => {
+    let delay = POLL_MIN;
+    const idleSince = Date.now();
+    // Bounded: each turn waits, and the loop ends once the file stood still for stallTime.
+    for (;;) {
+      let bytes;
+      try {
+        bytes = await read();
+      } catch {
+        fallBack("read-error");
+        return undefined;
+      }
+      if (bytes.byteLength > 0) return bytes;
+      if (Date.now() - idleSince > options.stallTime) {
+        fallBack("stalled");
+        return undefined;
+      }
+      const state = await follower.state().catch(() => "gone" as const);
+      if (state !== "filling") {
+        // One more read: the owner may have written its last bytes, then committed and gone.
+        const last = await read().catch(() => new Uint8Array());
+        if (last.byteLength > 0) return last;
+        if (state === "committed") return null;
+        fallBack("owner-gone");
+        return undefined;
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      delay = Math.min(delay * 2, POLL_MAX);
+    }
+  };
+
+  const finish = (controller: ReadableStreamDefaultController<Uint8Array>) => {
+    release();
+    origin.cancel().catch(() => {});
+    controller.close();
+  };
+
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (fromOrigin === undefined) {
+        if (length !== undefined && position >= length) return finish(controller);
+        const bytes = await nextFromFile();
+        if (bytes === null) return finish(controller);
+        if (bytes !== undefined) {
+          position += bytes.byteLength;
+          controller.enqueue(bytes);
+          return;
+        }
+      }
+      // From the origin, dropping what the followed file already gave.
+      for (;;) {
+        const { done, value } = await fromOrigin!.read();
+        if (done) {
+          controller.close();
+          return;
+        }
+        if (skip >= value.byteLength) {
+          skip -= value.byteLength;
+          continue;
+        }
+        const bytes = skip > 0 ? value.subarray(skip) : value;
+        skip = 0;
+        position += bytes.byteLength;
+        controller.enqueue(bytes);
+        return;
+      }
+    },
+    async cancel(reason) {
+      release();
+      await (fromOrigin ?? origin).cancel(reason).catch(() => {});
+    },
+  }, { highWaterMark: 0 });
+}
