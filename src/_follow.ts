@@ -41,7 +41,11 @@ export function followedSource(
   options: FollowOptions,
 ): ReadableStream<Uint8Array> {
   let position = 0;
-  let fromOrigin: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  // Locked at once, though read only on a fall-back: an unlocked, unread body
+  // may be cancelled under us (undici cancels the body of a Response that was
+  // garbage-collected unread: the cache keeps the body, not the Response).
+  const originReader = origin.getReader();
+  let fromOrigin = false;
   /** Origin bytes still to drop: they were sent from the followed file. */
   let skip = 0;
   let released = false;
@@ -54,7 +58,7 @@ export function followedSource(
     release();
     options.onFallback?.(position, why);
     skip = position;
-    fromOrigin = origin.getReader();
+    fromOrigin = true;
   };
   const read = () => follower.read(position, Math.min(READ_CHUNK, (length ?? Infinity) - position));
 
@@ -95,13 +99,13 @@ export function followedSource(
 
   const finish = (controller: ReadableStreamDefaultController<Uint8Array>) => {
     release();
-    origin.cancel().catch(() => {});
+    originReader.cancel().catch(() => {});
     controller.close();
   };
 
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
-      if (fromOrigin === undefined) {
+      if (!fromOrigin) {
         if (length !== undefined && position >= length) return finish(controller);
         const bytes = await nextFromFile();
         if (bytes === null) return finish(controller);
@@ -113,7 +117,7 @@ export function followedSource(
       }
       // From the origin, dropping what the followed file already gave.
       for (;;) {
-        const { done, value } = await fromOrigin!.read();
+        const { done, value } = await originReader.read();
         if (done) {
           controller.close();
           return;
@@ -131,7 +135,7 @@ export function followedSource(
     },
     async cancel(reason) {
       release();
-      await (fromOrigin ?? origin).cancel(reason).catch(() => {});
+      await originReader.cancel(reason).catch(() => {});
     },
   }, { highWaterMark: 0 });
 }

@@ -58,8 +58,9 @@ async function stop(child: Child | undefined, signal: NodeJS.Signals = "SIGKILL"
 async function withOrigin<T>(
   chunkDelay: number,
   fn: (url: string, reads: () => number) => Promise<T>,
+  chunkSize?: number,
 ) {
-  const origin = demoOrigin({ images: { img: { size: SIZE } }, chunkDelay });
+  const origin = demoOrigin({ images: { img: { size: SIZE } }, chunkDelay, chunkSize });
   await generatedDigests("img", SIZE);
   const server = await startServer(origin.app.fetch);
   try {
@@ -143,7 +144,7 @@ describe("processes sharing one cache directory", () => {
 
   it("a process following another's fill serves the whole image when that process is killed", async () => {
     await withTempDir((dir) =>
-      withOrigin(5, async (originUrl) => {
+      withOrigin(10, async (originUrl) => {
         const { md5 } = await generatedDigests("img", SIZE);
         let owner: Child | undefined;
         let follower: Child | undefined;
@@ -167,11 +168,13 @@ describe("processes sharing one cache directory", () => {
           const { bytes, error } = await reading;
           assert.equal(error, undefined);
           assert.equal(hexDigest(bytes), md5);
+          // The owner died before its commit: the follower's tail of the body came from its origin.
+          assert.ok(!(await readdir(dir)).includes("img"), "the owner never committed");
         } finally {
           await stop(owner);
           await stop(follower);
         }
-      })
+      }, 64 * 1024)
     );
   });
 });
