@@ -105,6 +105,33 @@ describe("FileSystemStore", () => {
     });
   });
 
+  it("commits a long fill, flushed in the background while it was written, byte-exact", async () => {
+    await withTempDir(async (dir) => {
+      const store = new FileSystemStore({ directory: dir });
+      try {
+        // Over two background flushes (every 32 MiB), in 1 MiB writes as a fill gathers them.
+        const image = pattern(70 * 2 ** 20, 8);
+        const writer = await store.createWriter("long");
+        assert.ok(typeof writer === "object");
+        for (let at = 0; at < image.byteLength; at += 2 ** 20) {
+          await writer.write(image.subarray(at, at + 2 ** 20));
+        }
+        const digest = hexDigest(image);
+        await writer.commit({
+          size: image.byteLength,
+          digest: { algorithm: "md5", value: digest },
+          headers: {},
+        });
+        await writer.close();
+        const entry = await store.get("long");
+        assert.equal(entry?.size, image.byteLength);
+        assertBytes(new Uint8Array(await readFile(join(dir, "long"))), image);
+      } finally {
+        await store.close();
+      }
+    });
+  });
+
   it("moves a failed fill to invalid/", async () => {
     await withTempDir(async (dir) => {
       const store = new FileSystemStore({ directory: dir });
