@@ -17,7 +17,18 @@ import { FileSystemStore, type ImageStore, MemoryStore } from "hono-image-cache"
  */
 export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), "hono-image-cache-test-"));
-  const remove = () => rm(dir, { recursive: true, force: true, maxRetries: 40, retryDelay: 50 });
+  // Our own retries: not every runtime's `rm` honours `maxRetries` (a fill that
+  // failed may still be moving its file to invalid/ while the directory goes).
+  const remove = async () => {
+    for (let attempt = 1;; attempt++) {
+      try {
+        return await rm(dir, { recursive: true, force: true });
+      } catch (error) {
+        if (attempt >= 40) throw error;
+        await sleep(50);
+      }
+    }
+  };
   let result: T;
   try {
     result = await fn(dir);
