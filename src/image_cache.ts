@@ -12,13 +12,15 @@ import {
   answerFill,
   answerHit,
   fillOpener,
+  hitHeaders,
   isResponse,
   withHeader,
 } from "./_http.ts";
+import { hasPreconditions } from "./_conditional.ts";
 import { checkFunction } from "./_options.ts";
 import { type FetchImage, prefetchImage } from "./_prefetch.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
-import type { ImageStore } from "./image_store.ts";
+import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
 
 /**
@@ -221,6 +223,29 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     return c.newResponse(fillBody(fill), 200, Object.fromEntries(headers));
   };
 
+  /**
+   * The headers of a plain `200` hit (no `Range`, no precondition), built
+   * once per committed entry: most hits are plain, and these headers are
+   * the same each time. Bounded; an entry replaced under the same id gets
+   * new ones (its digest, size or date differ).
+   */
+  const plainHitHeaders = new Map<string, { key: string; record: Record<string, string> }>();
+  const headersOfPlainHit = (entry: ImageEntry): Record<string, string> => {
+    const key = `${entry.digest.algorithm}:${entry.digest.value}:${entry.size}:${entry.created}`;
+    let cached = plainHitHeaders.get(entry.id);
+    if (cached?.key !== key) {
+      const headers = hitHeaders(entry);
+      if (name !== false) headers.set("cache-status", `${name}; hit`);
+      cached = { key, record: Object.fromEntries(headers) };
+      plainHitHeaders.delete(entry.id);
+      if (plainHitHeaders.size >= PLAIN_HIT_HEADERS) {
+        plainHitHeaders.delete(plainHitHeaders.keys().next().value!);
+      }
+      plainHitHeaders.set(entry.id, cached);
+    }
+    return cached.record;
+  };
+
   /** Sends an answer computed by `answerHit` or `answerFill`. */
   const respond = (
     c: Context,
@@ -282,6 +307,30 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (entry !== undefined) {
       const refusal = await denied(c, id);
       if (refusal !== undefined) return refusal;
+      const method = c.req.method;
+      const request = c.req.raw.headers;
+      if (
+        (method === "GET" || method === "HEAD") && request.get("range") === null &&
+        !hasPreconditions(method, request)
+      ) {
+        // The plain 200, most hits: the same answer as below, with headers built once per entry.
+        const current = entry;
+        let body = null;
+        try {
+          if (!head && current.size > 0) body = await store.body(current, 0, current.size - 1);
+        } catch (error) {
+          report(c)(error);
+          entry = undefined;
+        }
+        if (entry !== undefined) {
+          store.recordHit(id);
+          core.counters.hits++;
+          if (!head) core.counters.bytesFromCache += current.size;
+          return c.newResponse(body, 200, headersOfPlainHit(current));
+        }
+      }
+    }
+    if (entry !== undefined) {
       // 200, 206, 304, 412 or 416 from metadata; HEAD, 304, 412 and 416 open no data.
       const current = entry;
       const answer = answerHit(current, c.req.method, c.req.raw.headers);
@@ -393,6 +442,9 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
   };
 }
+
+/** Entries whose plain-hit headers are kept (per middleware). */
+const PLAIN_HIT_HEADERS = 1024;
 
 /** The path of a URL as sent (still percent-encoded), without the query. */
 function pathOf(url: string): string {

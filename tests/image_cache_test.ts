@@ -298,6 +298,38 @@ for (const [kind, make] of STORES) {
     );
 
     it(
+      "answers a hit with the headers of the entry cached now, after the image was replaced",
+      withStore(make, async (store) => {
+        const other = pattern(200_000, 99);
+        let body = IMAGE;
+        const { app } = cachedApp(
+          store,
+          () =>
+            imageResponse(body, {
+              "content-md5": hexDigest(body),
+              "x-image-meta-name": `n${body.byteLength}`,
+            }),
+        );
+        app.delete("/v2/images/:id", () => new Response(null, { status: 204 }));
+        await readBody(await app.request("/v2/images/img/file"));
+        const first = await app.request("/v2/images/img/file");
+        assert.equal(first.headers.get("etag"), `"md5-${MD5}"`);
+        assert.equal(first.headers.get("x-image-meta-name"), "n300000");
+        await first.body?.cancel();
+
+        await app.request("/v2/images/img", { method: "DELETE" });
+        body = other;
+        await readBody(await app.request("/v2/images/img/file"));
+        const second = await app.request("/v2/images/img/file");
+        assert.equal(second.headers.get("cache-status"), "hono-image-cache; hit");
+        assert.equal(second.headers.get("etag"), `"md5-${hexDigest(other)}"`);
+        assert.equal(second.headers.get("content-length"), String(other.byteLength));
+        assert.equal(second.headers.get("x-image-meta-name"), "n200000");
+        assertBytes((await readBody(second)).bytes, other);
+      }),
+    );
+
+    it(
       "evicts on a 2xx DELETE only",
       withStore(make, async (store) => {
         let deleteStatus = 500;
