@@ -290,6 +290,42 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     passThrough(c, detail);
   };
 
+  /**
+   * A request answered from a committed entry, once `authorize` allowed it;
+   * `undefined` when its data cannot be opened (the origin answers then).
+   * A plain `200` (`GET` or `HEAD`, no `Range`, no precondition: most hits)
+   * uses headers built once per entry; anything else, `answerHit`:
+   * `200`, `206`, `304`, `412` or `416` from metadata (`HEAD`, `304`, `412`
+   * and `416` open no data).
+   */
+  const answerFromEntry = async (c: Context, entry: ImageEntry) => {
+    const method = c.req.method;
+    const request = c.req.raw.headers;
+    const plain = (method === "GET" || method === "HEAD") && request.get("range") === null &&
+      !hasPreconditions(method, request);
+    const answer = plain ? undefined : answerHit(entry, method, request);
+    let body = null;
+    try {
+      if (answer !== undefined) {
+        body = await answerBody(answer, (start, end) => store.body(entry, start, end));
+      } else if (method === "GET" && entry.size > 0) {
+        body = await store.body(entry, 0, entry.size - 1);
+      }
+    } catch (error) {
+      report(c)(error);
+      return undefined;
+    }
+    // One hit per request answered from the entry, whatever its status.
+    store.recordHit(entry.id);
+    core.counters.hits++;
+    if (answer !== undefined) {
+      core.counters.bytesFromCache += answer.length;
+      return respond(c, answer, body, "hit");
+    }
+    if (method === "GET") core.counters.bytesFromCache += entry.size;
+    return c.newResponse(body, 200, headersOfPlainHit(entry));
+  };
+
   const serve = async (
     c: Context,
     next: () => Promise<void>,
@@ -307,48 +343,9 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (entry !== undefined) {
       const refusal = await denied(c, id);
       if (refusal !== undefined) return refusal;
-      const method = c.req.method;
-      const request = c.req.raw.headers;
-      if (
-        (method === "GET" || method === "HEAD") && request.get("range") === null &&
-        !hasPreconditions(method, request)
-      ) {
-        // The plain 200, most hits: the same answer as below, with headers built once per entry.
-        const current = entry;
-        let body = null;
-        try {
-          if (!head && current.size > 0) body = await store.body(current, 0, current.size - 1);
-        } catch (error) {
-          report(c)(error);
-          entry = undefined;
-        }
-        if (entry !== undefined) {
-          store.recordHit(id);
-          core.counters.hits++;
-          if (!head) core.counters.bytesFromCache += current.size;
-          return c.newResponse(body, 200, headersOfPlainHit(current));
-        }
-      }
-    }
-    if (entry !== undefined) {
-      // 200, 206, 304, 412 or 416 from metadata; HEAD, 304, 412 and 416 open no data.
-      const current = entry;
-      const answer = answerHit(current, c.req.method, c.req.raw.headers);
-      let body = null;
-      try {
-        body = await answerBody(answer, (start, end) => store.body(current, start, end));
-      } catch (error) {
-        // The data vanished between the check and the open: serve from the origin.
-        report(c)(error);
-        entry = undefined;
-      }
-      if (entry !== undefined) {
-        // One hit per request answered from the entry, whatever its status.
-        store.recordHit(id);
-        core.counters.hits++;
-        core.counters.bytesFromCache += answer.length;
-        return respond(c, answer, body, "hit");
-      }
+      const hit = await answerFromEntry(c, entry);
+      if (hit !== undefined) return hit;
+      // The data vanished between the check and the open: serve from the origin.
     }
 
     if (head) return forward(c, next, "method");
