@@ -28,7 +28,7 @@
  *
  * @module
  */
-import { createHash, type Hash } from "node:crypto";
+import { type FillHash, fillHash } from "./_hash.ts";
 import { digestMatches, type ExpectedDigest } from "./digest.ts";
 import type { DigestAlgorithm, ImageEntry, ImageWriter } from "./image_store.ts";
 
@@ -110,7 +110,7 @@ export class Fill {
   #release!: () => void;
 
   #init: FillInit;
-  #hash: Hash;
+  #hash: FillHash;
   #written = 0;
   #durable = 0;
   #detached: string | undefined;
@@ -136,7 +136,7 @@ export class Fill {
     this.#init = init;
     this.responseHeaders = init.responseHeaders;
     this.expectedLength = init.expectedLength;
-    this.#hash = createHash(init.expected?.algorithm ?? "md5");
+    this.#hash = fillHash(init.expected?.algorithm ?? "md5", init.expectedLength);
     this.#source = init.source.getReader();
     this.#newTick();
     this.released = new Promise((resolve) => this.#release = resolve);
@@ -212,6 +212,9 @@ export class Fill {
         }
         if (value.byteLength === 0) continue;
         this.#hash.update(value);
+        // A large fill hashes in a worker: wait when it trails too far (bounded memory).
+        const hashing = this.#hash.ready();
+        if (hashing !== undefined) await hashing;
         this.#window.push({ offset: this.#written, bytes: value });
         this.#written += value.byteLength;
         if (init.expectedLength !== undefined && this.#written > init.expectedLength) {
@@ -319,7 +322,12 @@ export class Fill {
         `Origin body ended after ${size} of ${init.expectedLength} bytes`,
       );
     }
-    const hex = this.#hash.digest("hex");
+    let hex;
+    try {
+      hex = await this.#hash.digest();
+    } catch (error) {
+      throw new FillError("hash-error", `Cannot hash the body: ${error}`, { cause: error });
+    }
     if (init.expected !== undefined && !digestMatches(init.expected, hex)) {
       throw new FillError(
         "digest",
@@ -347,6 +355,7 @@ export class Fill {
     if (this.state !== "running") return;
     this.state = "failed";
     this.error = error;
+    this.#hash.dispose();
     this.#progress();
     this.#readerWake?.();
     this.#source.cancel(error).catch(() => {});

@@ -298,6 +298,32 @@ for (const [kind, make] of STORES) {
     );
 
     it(
+      "verifies a large fill (hashed in a worker thread on Deno) and commits it; a wrong digest commits nothing",
+      withStore(make, async (store) => {
+        const big = pattern(66 * 2 ** 20, 31);
+        const digest = hexDigest(big);
+        const { app } = cachedApp(
+          store,
+          (id) =>
+            new Response(slowStream(big, 256 * 1024), {
+              headers: {
+                "content-length": String(big.byteLength),
+                "content-md5": id === "good" ? digest : hexDigest(IMAGE),
+              },
+            }),
+        );
+        const good = await readBody(await app.request("/v2/images/good/file"));
+        assert.equal(good.error, undefined);
+        assert.equal(good.bytes.byteLength, big.byteLength);
+        assert.equal((await store.get("good"))?.digest.value, digest);
+        const bad = await readBody(await app.request("/v2/images/bad/file"));
+        assert.ok(bad.error, "a wrong digest never ends cleanly");
+        assert.ok(bad.bytes.byteLength < big.byteLength);
+        assert.equal(await store.get("bad"), undefined);
+      }),
+    );
+
+    it(
       "answers a hit with the headers of the entry cached now, after the image was replaced",
       withStore(make, async (store) => {
         const other = pattern(200_000, 99);
