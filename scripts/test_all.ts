@@ -251,37 +251,37 @@ export function failedNames(output: string): string[] {
   return [...new Set(names)];
 }
 
-/** The failed leaves of Deno's JUnit report. */
-export function denoFailedNames(xml: string): string[] {
+/**
+ * The leaves of Deno's JUnit report, counted as Node and Bun count: Deno
+ * reports a `describe` as a test and each `it` as a step (`group > name`);
+ * a test case that has steps is a group, not a test.
+ */
+function junitLeaves(xml: string): { name: string; body: string }[] {
   const cases = [
     ...xml.matchAll(/<testcase name="([^"]*)"[^>]*?(?:\/>|>([\s\S]*?)<\/testcase>)/g),
   ].map((match) => ({ name: match[1], body: match[2] ?? "" }));
+  const names = cases.map((testCase) => testCase.name);
   return cases.filter((testCase) =>
-    /<failure|<error/.test(testCase.body) &&
-    !cases.some((other) => other.name.startsWith(`${testCase.name} &gt; `))
-  ).map((testCase) =>
-    testCase.name.replaceAll("&gt;", ">").replaceAll("&lt;", "<").replaceAll("&quot;", '"')
+    !names.some((name) => name.startsWith(`${testCase.name} &gt; `))
+  );
+}
+
+/** The failed leaves of Deno's JUnit report, by name. */
+export function denoFailedNames(xml: string): string[] {
+  return junitLeaves(xml).filter((leaf) => /<failure|<error/.test(leaf.body)).map((leaf) =>
+    leaf.name.replaceAll("&gt;", ">").replaceAll("&lt;", "<").replaceAll("&quot;", '"')
       .replaceAll("&amp;", "&")
   );
 }
 
-/**
- * Deno's JUnit report, counted like Node and Bun count: the leaves. Deno
- * reports a `describe` as a test and each `it` as a step (`group > name`);
- * a test case that has steps is a group, not a test.
- */
+/** Deno's JUnit report, counted by its leaves (see {@linkcode junitLeaves}). */
 export function denoCounts(xml: string): Counts | undefined {
-  const cases = [
-    ...xml.matchAll(/<testcase name="([^"]*)"[^>]*?(?:\/>|>([\s\S]*?)<\/testcase>)/g),
-  ].map((match) => ({ name: match[1], body: match[2] ?? "" }));
-  if (cases.length === 0) return undefined;
-  const names = cases.map((testCase) => testCase.name);
+  const leaves = junitLeaves(xml);
+  if (leaves.length === 0) return undefined;
   const counts: Counts = { passed: 0, failed: 0, skipped: 0 };
-  for (const testCase of cases) {
-    const prefix = `${testCase.name} &gt; `;
-    if (names.some((name) => name.startsWith(prefix))) continue;
-    if (/<failure|<error/.test(testCase.body)) counts.failed++;
-    else if (/<skipped/.test(testCase.body)) counts.skipped++;
+  for (const leaf of leaves) {
+    if (/<failure|<error/.test(leaf.body)) counts.failed++;
+    else if (/<skipped/.test(leaf.body)) counts.skipped++;
     else counts.passed++;
   }
   return counts;

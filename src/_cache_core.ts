@@ -282,10 +282,11 @@ export class CacheCore {
       const source = follower === undefined
         ? response.body
         : followedSource(follower, response.body, expectedLength, { stallTime: FOLLOW_STALL });
-      const fill = new Fill({
+      return new Fill({
         id,
         writer: NO_WRITER,
         source,
+        followed: follower !== undefined,
         expectedLength,
         expected: options.expected,
         storedHeaders: {},
@@ -294,8 +295,6 @@ export class CacheCore {
         commit: false,
         onError: options.onError,
       });
-      fill.followed = follower !== undefined;
-      return fill;
     }
     const fill = new Fill({
       id,

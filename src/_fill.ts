@@ -71,6 +71,8 @@ export interface FillInit {
   completeOnAbort: boolean;
   /** Whether to commit at all (false: a pass-through that still coalesces). */
   commit: boolean;
+  /** Whether `source` follows another process's fill (see src/_follow.ts). */
+  followed?: boolean;
   /** Cache-side faults (store write failures, commit failures). */
   onError: (error: unknown) => void;
 }
@@ -99,7 +101,7 @@ export class Fill {
   /** The committed entry, once committed. */
   committed: ImageEntry | undefined;
   /** Whether the bytes come from another process's fill (not stored here). */
-  followed = false;
+  readonly followed: boolean;
   /** Settles when the pump is done and the commit (if any) is over. Never rejects. */
   readonly done: Promise<void>;
   /**
@@ -136,6 +138,7 @@ export class Fill {
     this.#init = init;
     this.responseHeaders = init.responseHeaders;
     this.expectedLength = init.expectedLength;
+    this.followed = init.followed ?? false;
     this.#hash = fillHash(init.expected?.algorithm ?? "md5", init.expectedLength);
     this.#source = init.source.getReader();
     this.#newTick();
@@ -212,9 +215,6 @@ export class Fill {
         }
         if (value.byteLength === 0) continue;
         this.#hash.update(value);
-        // A large fill hashes in a worker: wait when it trails too far (bounded memory).
-        const hashing = this.#hash.ready();
-        if (hashing !== undefined) await hashing;
         this.#window.push({ offset: this.#written, bytes: value });
         this.#written += value.byteLength;
         if (init.expectedLength !== undefined && this.#written > init.expectedLength) {
@@ -229,6 +229,9 @@ export class Fill {
           // The store trails by more than WRITE_AHEAD: wait for the disk (memory stays bounded).
           while (this.#flushing && this.#written - this.#durable > WRITE_AHEAD) await this.#batch;
         }
+        // A large fill hashes in a worker: wait when it trails too far (bounded memory).
+        const hashing = this.#hash.ready();
+        if (hashing !== undefined) await hashing;
         this.#trim();
         if (this.#detached !== undefined) await this.#waitForReaders();
       }

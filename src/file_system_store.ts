@@ -373,11 +373,17 @@ export class FileSystemStore implements ImageStore {
     }
     const committedPath = this.#path(name);
     let closed = false;
+    /** A buffer a read found nothing for: the next poll reuses it instead of allocating. */
+    let unused: Uint8Array | undefined;
     return {
       read: async (position, length) => {
-        const buffer = new Uint8Array(length);
+        const buffer = unused !== undefined && unused.byteLength >= length
+          ? unused
+          : new Uint8Array(length);
+        unused = undefined;
         const { bytesRead } = await handle.read(buffer, 0, length, position);
-        return bytesRead === length ? buffer : buffer.subarray(0, bytesRead);
+        if (bytesRead === 0) unused = buffer;
+        return bytesRead === buffer.byteLength ? buffer : buffer.subarray(0, bytesRead);
       },
       state: async () => {
         // Still the file being filled, by a live owner; or committed under its name.
