@@ -23,7 +23,7 @@
  */
 export { MemoryStore } from "./src/memory_store.ts";
 export type { MemoryStoreOptions } from "./src/memory_store.ts";
-export { FaultyStore } from "./src/faulty_store.ts";
-export type { Faults, FaultyStoreOptions } from "./src/faulty_store.ts";
-export { demoOrigin, generatedDigests, generatedImage } from "./src/demo_origin.ts";
-export type { DemoImage, DemoOriginOptions, DemoOriginStats } from "./src/demo_origin.ts";
+export { FaultyStore } from "./src/testing/faulty_store.ts";
+export type { Faults, FaultyStoreOptions } from "./src/testing/faulty_store.ts";
+export { demoOrigin, generatedDigests, generatedImage } from "./src/testing/demo_origin.ts";
+export type { DemoImage, DemoOriginOptions, DemoOriginStats } from "./src/testing/demo_origin.ts";

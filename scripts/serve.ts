@@ -17,7 +17,7 @@ import process from "node:process";
 import { parseArgs } from "node:util";
 import { FileSystemStore } from "../mod.ts";
 import { demoOrigin } from "../testing.ts";
-import { formatAccessLog, proxyApp } from "../src/proxy.ts";
+import { formatAccessLog, proxyApp } from "../proxy.ts";
 
 /** One setting: its flag, environment variable, default and help text. */
 interface Setting {

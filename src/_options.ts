@@ -41,12 +41,3 @@ export function checkFunction<T>(
   }
   return value;
 }
-
-/** Lets the process exit while `timer` is pending (Node and Bun timers are objects, Deno's numbers). */
-export function unrefTimer(timer: unknown): void {
-  if (typeof timer === "object" && timer !== null && "unref" in timer) {
-    (timer as { unref(): void }).unref();
-  } else if (typeof timer === "number") {
-    (globalThis as { Deno?: { unrefTimer(id: number): void } }).Deno?.unrefTimer(timer);
-  }
-}

@@ -5,19 +5,21 @@
  *
  * @module
  */
-import { isResponse } from "./_http.ts";
+import { isResponse } from "./_http/answer.ts";
 import type { Context } from "hono";
 import { Hono } from "hono";
-import { coreFor } from "./_cache_core.ts";
-import { checkFunction, checkSize, unrefTimer } from "./_options.ts";
-import type { FetchImage } from "./_prefetch.ts";
-import { PrefetchQueue } from "./_prefetch_queue.ts";
-import { prunerOf } from "./_prune.ts";
+import { coreFor } from "./_core/core.ts";
+import { requestPath } from "./_http/path.ts";
+import { checkFunction, checkSize } from "./_options.ts";
+import { unrefTimer } from "./_runtime.ts";
+import type { FetchImage } from "./_core/prefetch.ts";
+import { PrefetchQueue } from "./_core/prefetch_queue.ts";
+import { prunerOf } from "./_core/prune.ts";
 import type { ExpectedDigest } from "./digest.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { METRICS_CONTENT_TYPE, metricsText } from "./metrics.ts";
 
-export type { FetchImage } from "./_prefetch.ts";
+export type { FetchImage } from "./_core/prefetch.ts";
 
 /**
  * What a management request wants to do, by Glance's policy name:
@@ -142,14 +144,6 @@ interface Method {
   run: Handler;
   /** The path segment is not an image id (`POST /v2/cache/clean`). */
   noId?: boolean;
-}
-
-/** The raw path as sent (still percent-encoded), without the query. */
-function rawPath(url: string): string {
-  const start = url.indexOf("/", url.indexOf("://") + 3);
-  if (start === -1) return "/";
-  const end = url.search(/[?#]/);
-  return url.slice(start, end === -1 ? undefined : end);
 }
 
 const MAX_RETRY_DELAY = 600_000;
@@ -320,7 +314,7 @@ export function cacheApi(options: CacheApiOptions): Hono {
   const resource =
     (methods: (segment: string) => Record<string, Method>, idSegment?: number) =>
     async (c: Context): Promise<Response> => {
-      const segments = rawPath(c.req.url).split("/");
+      const segments = requestPath(c.req.url).split("/");
       const segment = idSegment === undefined ? "" : segments[segments.length - idSegment] ?? "";
       const table = methods(segment);
       // Hono routes HEAD through GET handlers and drops the body.

@@ -9,11 +9,13 @@ import { mkdir, open, readdir, readFile, rename, stat, utimes, writeFile } from 
 import { join } from "node:path";
 import process from "node:process";
 import { fileNameForId, idForFileName } from "./_ids.ts";
-import { checkSize, unrefTimer } from "./_options.ts";
+import { checkSize } from "./_options.ts";
+import { unrefTimer } from "./_runtime.ts";
+import { META_SUFFIX, parseEntry } from "./_fs/entry.ts";
+import { fileBody } from "./_fs/file_body.ts";
 import {
   createOwnerFile,
   errorCode,
-  fileBody,
   HEARTBEAT_INTERVAL,
   HOST,
   isNotFound,
@@ -25,8 +27,9 @@ import {
   removeIfPresent,
   syncDirectory,
   writeFileAtomic,
-} from "./_fs.ts";
-import { isDigestAlgorithm } from "./digest.ts";
+} from "./_fs/files.ts";
+import { fileFollower } from "./_fs/follower.ts";
+import { FileWriter, type WriterLock } from "./_fs/writer.ts";
 import type {
   CleanResult,
   CommitInfo,
@@ -73,7 +76,6 @@ const OWNER_SUFFIX = ".owner";
 const ALL_DELETED = ".all";
 /** Tombstones older than this are swept: no miss waits that long for its origin. */
 const TOMBSTONE_AGE = 3_600_000;
-const META_SUFFIX = ".json";
 const HIT_FLUSH_DELAY = 2_000;
 
 interface KnownEntry {
@@ -329,7 +331,7 @@ export class FileSystemStore implements ImageStore {
       await removeIfPresent(ownerPath).catch(() => {});
       throw error;
     }
-    return new FileWriter(this, id, name, handle, reader, owner, options?.since ?? owner.started);
+    return new FileWriter(id, handle, reader, this.#lockOf(id, name, owner, options?.since));
   }
 
   async #ownerLive(name: string): Promise<boolean> {
@@ -356,58 +358,55 @@ export class FileSystemStore implements ImageStore {
     const name = fileNameForId(id);
     if (name === undefined) return undefined;
     await this.#init();
-    const dataPath = this.#path("incomplete", name);
-    let handle: import("node:fs/promises").FileHandle;
-    let ino: number;
-    try {
-      handle = await open(dataPath, "r");
-    } catch (error) {
-      if (isNotFound(error)) return undefined;
-      throw error;
-    }
-    try {
-      ino = (await handle.stat()).ino;
-    } catch (error) {
-      await handle.close().catch(() => {});
-      throw error;
-    }
-    const committedPath = this.#path(name);
-    let closed = false;
-    /** A buffer a read found nothing for: the next poll reuses it instead of allocating. */
-    let unused: Uint8Array | undefined;
+    return await fileFollower(
+      this.#path("incomplete", name),
+      this.#path(name),
+      () => this.#ownerLive(name),
+    );
+  }
+
+  /**
+   * The capabilities of the writer that took the lock `owner` of `id`: each
+   * acts only while the lock is still the one it took.
+   */
+  #lockOf(id: string, name: string, owner: OwnerRecord, since = owner.started): WriterLock {
+    const ownerPath = this.#path("incomplete", name + OWNER_SUFFIX);
+    const owns = async () => {
+      const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
+      return current?.token === this.#token && current.started === owner.started;
+    };
     return {
-      read: async (position, length) => {
-        const buffer = unused !== undefined && unused.byteLength >= length
-          ? unused
-          : new Uint8Array(length);
-        unused = undefined;
-        const { bytesRead } = await handle.read(buffer, 0, length, position);
-        if (bytesRead === 0) unused = buffer;
-        return bytesRead === buffer.byteLength ? buffer : buffer.subarray(0, bytesRead);
+      owns,
+      commit: (info) => this.#commit(id, name, since, info, owns),
+      abort: async (reason) => {
+        if (!(await owns())) return; // Someone else removed it and may own the name now.
+        const dataPath = this.#path("incomplete", name);
+        if (reason === "invalid") {
+          await rename(dataPath, this.#path("invalid", name)).catch(() =>
+            removeIfPresent(dataPath)
+          );
+        } else {
+          await removeIfPresent(dataPath);
+        }
+        await removeIfPresent(ownerPath);
       },
-      state: async () => {
-        // Still the file being filled, by a live owner; or committed under its name.
-        const filling = await stat(dataPath).catch(() => undefined);
-        if (filling?.ino === ino) return await this.#ownerLive(name) ? "filling" : "gone";
-        const committed = await stat(committedPath).catch(() => undefined);
-        return committed?.ino === ino ? "committed" : "gone";
-      },
-      close: async () => {
-        if (closed) return;
-        closed = true;
-        await handle.close();
+      heartbeat: async () => {
+        const now = new Date();
+        await utimes(ownerPath, now, now);
       },
     };
   }
 
-  /** Called by a writer when it commits. */
-  async _commit(
-    writer: FileWriter,
+  async #commit(
+    id: string,
+    name: string,
+    since: number,
     info: CommitInfo,
+    owns: () => Promise<boolean>,
   ): Promise<ImageEntry> {
     const now = Date.now();
     const entry: ImageEntry = {
-      id: writer.id,
+      id,
       size: info.size,
       digest: info.digest,
       headers: info.headers,
@@ -415,35 +414,33 @@ export class FileSystemStore implements ImageStore {
       lastAccessed: now,
       hits: 0,
     };
-    const ownerPath = this.#path("incomplete", writer.name + OWNER_SUFFIX);
+    const ownerPath = this.#path("incomplete", name + OWNER_SUFFIX);
     // Deletion wins: if the lock is no longer ours, someone removed this fill;
     // if a tombstone is as new as the request behind it, someone deleted the
     // image (or cleared the cache) while it waited for the origin.
-    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
-    if (current?.token !== this.#token || current.started !== writer.owner.started) {
-      throw new Error(`Fill of "${writer.id}" lost its lock (deleted while filling)`);
+    if (!(await owns())) {
+      throw new Error(`Fill of "${id}" lost its lock (deleted while filling)`);
     }
-    if (await this.#deletedSince(writer.name, writer.since)) {
-      throw new Error(`Fill of "${writer.id}" was deleted while it waited for the origin`);
+    if (await this.#deletedSince(name, since)) {
+      throw new Error(`Fill of "${id}" was deleted while it waited for the origin`);
     }
-    await writeFileAtomic(this.#path(writer.name + META_SUFFIX), JSON.stringify(entry));
-    await rename(this.#path("incomplete", writer.name), this.#path(writer.name));
+    await writeFileAtomic(this.#path(name + META_SUFFIX), JSON.stringify(entry));
+    await rename(this.#path("incomplete", name), this.#path(name));
     // Checked again after the rename: a DELETE in another process that wrote its
     // tombstone between the check above and the rename may have listed the
     // directory before the entry appeared. Either it sees the entry, or this does.
-    if (await this.#deletedSince(writer.name, writer.since)) {
-      await this.#removeEntry(writer.name);
+    if (await this.#deletedSince(name, since)) {
+      await this.#removeEntry(name);
       await removeIfPresent(ownerPath);
-      throw new Error(`Fill of "${writer.id}" was deleted while it committed`);
+      throw new Error(`Fill of "${id}" was deleted while it committed`);
     }
     await syncDirectory(this.directory);
     await removeIfPresent(ownerPath);
-    await removeIfPresent(this.#path("queue", writer.name)).catch(() => {});
-    const data = await stat(this.#path(writer.name));
-    this.#known.set(writer.id, { entry, ino: data.ino, mtimeMs: data.mtimeMs });
+    await removeIfPresent(this.#path("queue", name)).catch(() => {});
+    const data = await stat(this.#path(name));
+    this.#known.set(id, { entry, ino: data.ino, mtimeMs: data.mtimeMs });
     return { ...entry };
   }
-
   async #deletedSince(name: string, since: number): Promise<boolean> {
     for (const file of [name, ALL_DELETED]) {
       const info = await stat(this.#path("deleted", file)).catch(() => undefined);
@@ -471,36 +468,6 @@ export class FileSystemStore implements ImageStore {
     for (let spins = 0; Date.now() <= now.getTime() && spins < 50; spins++) {
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
-  }
-
-  /** Called by a writer when it gives up. */
-  async _abort(writer: FileWriter, reason: "invalid" | "discard"): Promise<void> {
-    const dataPath = this.#path("incomplete", writer.name);
-    const ownerPath = dataPath + OWNER_SUFFIX;
-    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
-    const ours = current?.token === this.#token && current.started === writer.owner.started;
-    if (!ours) return; // Someone else removed it and may own the name now.
-    if (reason === "invalid") {
-      await rename(dataPath, this.#path("invalid", writer.name)).catch(() =>
-        removeIfPresent(dataPath)
-      );
-    } else {
-      await removeIfPresent(dataPath);
-    }
-    await removeIfPresent(ownerPath);
-  }
-
-  /** Whether `writer` still holds its lock (another process may have deleted the fill). */
-  async _owns(writer: FileWriter): Promise<boolean> {
-    const ownerPath = this.#path("incomplete", writer.name + OWNER_SUFFIX);
-    const current = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
-    return current?.token === this.#token && current.started === writer.owner.started;
-  }
-
-  /** Refreshes the heartbeat of a live fill. */
-  async _heartbeat(writer: FileWriter): Promise<void> {
-    const now = new Date();
-    await utimes(this.#path("incomplete", writer.name + OWNER_SUFFIX), now, now);
   }
 
   /** Removes a committed entry. */
@@ -684,168 +651,6 @@ export class FileSystemStore implements ImageStore {
     this.#flushTimer = undefined;
     LIVE_TOKENS.delete(this.#token);
     await this.#flushHits();
-  }
-}
-
-/** A fill's writer starts a background flush (`fdatasync`) each time this many bytes were written. */
-const FLUSH_EVERY = 32 * 2 ** 20;
-
-/** The writer of {@linkcode FileSystemStore}: `incomplete/<id>`, positional reads for trailing clients. */
-class FileWriter implements ImageWriter {
-  #store: FileSystemStore;
-  #handle: import("node:fs/promises").FileHandle;
-  #reader: import("node:fs/promises").FileHandle;
-  #written = 0;
-  #settled = false;
-  #readerClosed = false;
-  #heartbeat: ReturnType<typeof setInterval>;
-  /** Bytes written when the last background flush started. */
-  #flushedAt = 0;
-  /** The background flush under way; it records its failure instead of rejecting. */
-  #flushing: Promise<void> | undefined;
-  #flushError: unknown;
-
-  constructor(
-    store: FileSystemStore,
-    readonly id: string,
-    readonly name: string,
-    handle: import("node:fs/promises").FileHandle,
-    reader: import("node:fs/promises").FileHandle,
-    readonly owner: OwnerRecord,
-    readonly since: number,
-  ) {
-    this.#store = store;
-    this.#handle = handle;
-    this.#reader = reader;
-    this.#heartbeat = setInterval(() => {
-      store._heartbeat(this).catch(() => {});
-    }, HEARTBEAT_INTERVAL);
-    unrefTimer(this.#heartbeat);
-  }
-
-  async write(chunk: Uint8Array): Promise<void> {
-    if (this.#settled) throw new Error(`Writer for "${this.id}" is closed`);
-    let offset = 0;
-    while (offset < chunk.byteLength) {
-      const { bytesWritten } = await this.#handle.write(
-        chunk,
-        offset,
-        chunk.byteLength - offset,
-        this.#written,
-      );
-      offset += bytesWritten;
-      this.#written += bytesWritten;
-    }
-    if (this.#written - this.#flushedAt >= FLUSH_EVERY && this.#flushing === undefined) {
-      // Flush in the background while the writes go on, so that the commit's
-      // fsync finds little left to write: its wait (the client's last byte)
-      // stays short whatever the image's size.
-      this.#flushedAt = this.#written;
-      this.#flushing = this.#handle.datasync().then(
-        () => this.#flushing = undefined,
-        (error) => {
-          this.#flushError ??= error;
-          this.#flushing = undefined;
-        },
-      );
-    }
-  }
-
-  async read(position: number, length: number): Promise<Uint8Array> {
-    const buffer = new Uint8Array(length);
-    const { bytesRead } = await this.#reader.read(buffer, 0, length, position);
-    return bytesRead === length ? buffer : buffer.subarray(0, bytesRead);
-  }
-
-  async commit(info: CommitInfo): Promise<ImageEntry> {
-    this.#settle();
-    try {
-      if (info.size !== this.#written) {
-        throw new Error(
-          `Cannot commit "${this.id}": wrote ${this.#written} bytes, not ${info.size}`,
-        );
-      }
-      await this.#flushing;
-      if (this.#flushError !== undefined) throw this.#flushError;
-      await this.#handle.sync();
-    } finally {
-      await this.#handle.close();
-    }
-    try {
-      return await this.#store._commit(this, info);
-    } catch (error) {
-      await this.#store._abort(this, "discard").catch(() => {});
-      throw error;
-    }
-  }
-
-  async abort(reason: "invalid" | "discard"): Promise<void> {
-    if (this.#settled) return;
-    this.#settle();
-    await this.#flushing;
-    await this.#handle.close().catch(() => {});
-    await this.#store._abort(this, reason);
-  }
-
-  owned(): Promise<boolean> {
-    return this.#store._owns(this);
-  }
-
-  async close(): Promise<void> {
-    if (this.#readerClosed) return;
-    this.#readerClosed = true;
-    await this.#reader.close();
-  }
-
-  #settle() {
-    if (this.#settled) throw new Error(`Writer for "${this.id}" already committed or aborted`);
-    this.#settled = true;
-    clearInterval(this.#heartbeat);
-  }
-}
-
-const HEX_LENGTH = { md5: 32, sha256: 64, sha512: 128 } as const;
-
-function isHexDigest(algorithm: keyof typeof HEX_LENGTH, value: unknown): boolean {
-  return typeof value === "string" && value.length === HEX_LENGTH[algorithm] &&
-    /^[0-9a-f]+$/.test(value);
-}
-
-/** A header `new Headers()` accepts: a token name, a value without CR, LF or NUL. */
-function isHeader(name: string, value: unknown): boolean {
-  return /^[!#$%&'*+.^_`|~0-9a-z-]+$/.test(name) && typeof value === "string" &&
-    !/[\r\n\0]/.test(value);
-}
-
-/** Milliseconds within the range a `Date` can hold. */
-function isTime(value: unknown): boolean {
-  return typeof value === "number" && value >= 0 && value <= 8.64e15;
-}
-
-function parseEntry(id: string, text: string): ImageEntry | undefined {
-  try {
-    const value = JSON.parse(text);
-    // Damaged or hand-edited metadata must never reach a response: every
-    // field is checked to be what a commit writes, or the entry is damaged.
-    const valid = value?.id === id && Number.isSafeInteger(value.size) && value.size >= 0 &&
-      isDigestAlgorithm(value.digest?.algorithm) &&
-      isHexDigest(value.digest.algorithm, value.digest.value) &&
-      typeof value.headers === "object" && value.headers !== null &&
-      Object.entries(value.headers).every(([k, v]) => isHeader(k, v)) &&
-      isTime(value.created) && isTime(value.lastAccessed) &&
-      Number.isSafeInteger(value.hits) && value.hits >= 0;
-    if (!valid) return undefined;
-    return {
-      id,
-      size: value.size,
-      digest: { algorithm: value.digest.algorithm, value: value.digest.value },
-      headers: value.headers,
-      created: value.created,
-      lastAccessed: value.lastAccessed,
-      hits: value.hits,
-    };
-  } catch {
-    return undefined;
   }
 }
 

@@ -4,8 +4,8 @@
  * @module
  */
 import type { Context, MiddlewareHandler } from "hono";
-import { coreFor, type Fill } from "./_cache_core.ts";
-import { fillBody } from "./_fill.ts";
+import { coreFor, type Fill } from "./_core/core.ts";
+import { fillBody } from "./_fill/fill.ts";
 import {
   type Answer,
   answerBody,
@@ -15,10 +15,11 @@ import {
   hitHeaders,
   isResponse,
   withHeader,
-} from "./_http.ts";
-import { hasPreconditions } from "./_conditional.ts";
+} from "./_http/answer.ts";
+import { hasPreconditions } from "./_http/conditional.ts";
+import { requestPath } from "./_http/path.ts";
 import { checkFunction } from "./_options.ts";
-import { type FetchImage, prefetchImage } from "./_prefetch.ts";
+import { type FetchImage, prefetchImage } from "./_core/prefetch.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
@@ -425,7 +426,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   };
 
   return async function imageCache(c, next) {
-    const match = matchRoute(routes, c.req.method, pathOf(c.req.url));
+    const match = matchRoute(routes, c.req.method, requestPath(c.req.url));
     if (match === undefined) return next();
     const { route, id } = match;
     if (route.action === "serve") return serve(c, next, id);
@@ -442,11 +443,3 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
 
 /** Entries whose plain-hit headers are kept (per middleware). */
 const PLAIN_HIT_HEADERS = 1024;
-
-/** The path of a URL as sent (still percent-encoded), without the query. */
-function pathOf(url: string): string {
-  const start = url.indexOf("/", url.indexOf("://") + 3);
-  if (start === -1) return "/";
-  const end = url.search(/[?#]/);
-  return url.slice(start, end === -1 ? undefined : end);
-}

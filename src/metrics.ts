@@ -4,9 +4,9 @@
  *
  * @module
  */
-import { coreFor } from "./_cache_core.ts";
-import { prefetchCounters } from "./_prefetch_queue.ts";
-import { prunerOf } from "./_prune.ts";
+import { coreFor } from "./_core/core.ts";
+import { prefetchCounters } from "./_core/prefetch_queue.ts";
+import { prunerOf } from "./_core/prune.ts";
 import type { ImageStore } from "./image_store.ts";
 
 /** The `Content-Type` of the Prometheus text format. */

@@ -2,7 +2,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { fileBody } from "../../src/_fs.ts";
+import { fileBody } from "../../src/_fs/file_body.ts";
 import { pattern, withTempDir } from "../_helpers.ts";
 
 async function bytesOf(body: ReadableStream<Uint8Array> | Blob): Promise<Uint8Array> {

@@ -5,7 +5,7 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { followedSource } from "../../src/_follow.ts";
+import { followedSource } from "../../src/_fill/follow.ts";
 import type { ImageFollower } from "../../src/image_store.ts";
 import { assertBytes, pattern, readBody } from "../_helpers.ts";
 

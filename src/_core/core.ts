@@ -5,11 +5,11 @@
  *
  * @module
  */
-import { Fill, FillError } from "./_fill.ts";
-import { followedSource } from "./_follow.ts";
-import { installPruning } from "./_prune.ts";
-import type { ExpectedDigest } from "./digest.ts";
-import type { ImageEntry, ImageStore, ImageWriter } from "./image_store.ts";
+import { Fill, FillError } from "../_fill/fill.ts";
+import { followedSource } from "../_fill/follow.ts";
+import { installPruning } from "./prune.ts";
+import type { ExpectedDigest } from "../digest.ts";
+import type { ImageEntry, ImageStore, ImageWriter } from "../image_store.ts";
 
 /**
  * Counters of one store's cache, for metrics. Monotonic unless named as a gauge.

@@ -5,10 +5,10 @@
  *
  * @module
  */
-import { isResponse } from "./_http.ts";
-import type { CacheCore } from "./_cache_core.ts";
-import { unrefTimer } from "./_options.ts";
-import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
+import { isResponse } from "../_http/answer.ts";
+import type { CacheCore } from "./core.ts";
+import { unrefTimer } from "../_runtime.ts";
+import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
 
 /** How the cache fetches a whole image from the origin (DESIGN.md §3). */
 export type FetchImage = (imageId: string, signal: AbortSignal) => Promise<Response>;

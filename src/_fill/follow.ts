@@ -12,7 +12,7 @@
  *
  * @module
  */
-import type { ImageFollower } from "./image_store.ts";
+import type { ImageFollower } from "../image_store.ts";
 
 /** Largest read of the followed file. */
 const READ_CHUNK = 256 * 1024;

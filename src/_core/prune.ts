@@ -28,9 +28,9 @@
  *
  * @module
  */
-import { unrefTimer } from "./_options.ts";
-import type { CacheCore } from "./_cache_core.ts";
-import type { ImageEntry, ImageStore } from "./image_store.ts";
+import { unrefTimer } from "../_runtime.ts";
+import type { CacheCore } from "./core.ts";
+import type { ImageEntry, ImageStore } from "../image_store.ts";
 
 /** Automatic pruning spares an entry served this recently (ms). */
 const SERVE_GRACE = 1_000;

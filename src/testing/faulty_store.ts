@@ -12,7 +12,7 @@ import type {
   ImageStore,
   ImageWriter,
   WriterRefusal,
-} from "./image_store.ts";
+} from "../image_store.ts";
 
 /** Faults to inject; change them at any time. */
 export interface Faults {

@@ -28,9 +28,9 @@
  *
  * @module
  */
-import { type FillHash, fillHash } from "./_hash.ts";
-import { digestMatches, type ExpectedDigest } from "./digest.ts";
-import type { DigestAlgorithm, ImageEntry, ImageWriter } from "./image_store.ts";
+import { type FillHash, fillHash } from "./hash.ts";
+import { digestMatches, type ExpectedDigest } from "../digest.ts";
+import type { DigestAlgorithm, ImageEntry, ImageWriter } from "../image_store.ts";
 
 /** Bytes of the newest data kept in memory for readers near the head. */
 const WINDOW = 2 * 2 ** 20;

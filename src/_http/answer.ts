@@ -6,8 +6,8 @@
  *
  * @module
  */
-import { evaluatePreconditions, hasPreconditions, ifRangeHolds } from "./_conditional.ts";
-import { type Fill, fillBody } from "./_fill.ts";
+import { evaluatePreconditions, hasPreconditions, ifRangeHolds } from "./conditional.ts";
+import { type Fill, fillBody } from "../_fill/fill.ts";
 import {
   type ByteRange,
   contentRange,
@@ -18,8 +18,8 @@ import {
   parseRange,
   rangeLength,
   type RangeRequest,
-} from "./_range.ts";
-import type { ImageEntry } from "./image_store.ts";
+} from "./range.ts";
+import type { ImageEntry } from "../image_store.ts";
 
 /** The strong validator of an entry: its digest (RFC 9110 §8.8.3). */
 export function entityTag(entry: ImageEntry): string {

@@ -8,9 +8,9 @@
  *
  * @module
  */
-import type { CacheCore } from "./_cache_core.ts";
-import { unrefTimer } from "./_options.ts";
-import { type FetchImage, prefetchImage, type PrefetchOptions } from "./_prefetch.ts";
+import type { CacheCore } from "./core.ts";
+import { unrefTimer } from "../_runtime.ts";
+import { type FetchImage, prefetchImage, type PrefetchOptions } from "./prefetch.ts";
 
 /** Options of {@linkcode PrefetchQueue}. */
 export interface PrefetchQueueOptions

@@ -19,7 +19,8 @@
  * @module
  */
 import { createHash, type Hash } from "node:crypto";
-import type { DigestAlgorithm } from "./image_store.ts";
+import { DENO } from "../_runtime.ts";
+import type { DigestAlgorithm } from "../image_store.ts";
 
 /** Fills of at least this many bytes (by `Content-Length`) hash in the worker. */
 export const WORKER_MIN = 64 * 2 ** 20;
@@ -165,7 +166,7 @@ class HashWorker {
       }
     };
     try {
-      if ((globalThis as { Deno?: unknown }).Deno !== undefined) {
+      if (DENO !== undefined) {
         // One blob URL for the process, never revoked: a worker loads it asynchronously.
         webWorkerUrl ??= URL.createObjectURL(new Blob([WEB_WORKER], { type: "text/javascript" }));
         const url = prefix === ""

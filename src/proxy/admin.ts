@@ -1,0 +1,61 @@
+/**
+ * {@linkcode adminTokenCheck}: the management API behind a bearer token.
+ *
+ * @module
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import type { AuthorizeCacheAction } from "../cache_api.ts";
+
+/**
+ * An admin check for the management API: the request must carry `token` as
+ * `Authorization: Bearer <token>` or `X-Auth-Token: <token>`. Compared in
+ * constant time.
+ *
+ * @param token The admin token (at least 16 characters).
+ * @returns An `authorize` function for `cacheApi`: `401` without a token,
+ *   `403` with a wrong one.
+ * @throws {TypeError} When `token` is not a string of at least 16 characters.
+ *
+ * @example Guarding a route with the admin token
+ * ```ts
+ * import { Hono } from "hono";
+ * import { adminTokenCheck } from "hono-image-cache/proxy";
+ * import assert from "node:assert/strict";
+ *
+ * const authorize = adminTokenCheck("s3cret-admin-token-0123");
+ * const app = new Hono();
+ * app.get("/admin", async (c) => {
+ *   const verdict = await authorize(c, "cache_list");
+ *   return verdict === true ? c.text("ok") : verdict as Response;
+ * });
+ * const ok = await app.request("/admin", {
+ *   headers: { authorization: "Bearer s3cret-admin-token-0123" },
+ * });
+ * assert.equal(await ok.text(), "ok");
+ * const no = await app.request("/admin");
+ * assert.equal(no.status, 401);
+ * await no.body?.cancel();
+ * ```
+ */
+export function adminTokenCheck(token: string): AuthorizeCacheAction {
+  if (typeof token !== "string" || token.length < 16) {
+    throw new TypeError(
+      `Cannot create adminTokenCheck: "token" must be a string of at least 16 characters, received ${
+        typeof token === "string" ? `${token.length} characters` : typeof token
+      }`,
+    );
+  }
+  const expected = createHash("sha256").update(token).digest();
+  return function adminTokenCheck(c) {
+    const bearer = /^Bearer\s+(.+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
+    const given = bearer ?? c.req.header("x-auth-token");
+    if (given === undefined) {
+      return c.text("Unauthorized: the management API needs the admin token", 401, {
+        "www-authenticate": 'Bearer realm="hono-image-cache"',
+      });
+    }
+    const actual = createHash("sha256").update(given.trim()).digest();
+    if (timingSafeEqual(actual, expected)) return true;
+    return c.text("Forbidden: wrong admin token", 403);
+  };
+}
