@@ -37,6 +37,8 @@ export type {
   CacheApiOptions,
   FetchImage,
 } from "./src/cache_api.ts";
+export { CACHE_STATUS_DETAILS } from "./src/cache_status.ts";
+export type { CacheStatusDetail } from "./src/cache_status.ts";
 export { METRICS_CONTENT_TYPE, metricsText } from "./src/metrics.ts";
 export { glanceRoutes, matchRoute } from "./src/routes.ts";
 export type { ImageRoute, RouteMatch } from "./src/routes.ts";

@@ -14,7 +14,6 @@ import { checkFunction, checkSize } from "./_options.ts";
 import { unrefTimer } from "./_runtime.ts";
 import type { FetchImage } from "./_core/prefetch.ts";
 import { PrefetchQueue } from "./_core/prefetch_queue.ts";
-import { prunerOf } from "./_core/prune.ts";
 import type { ExpectedDigest } from "./digest.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { METRICS_CONTENT_TYPE, metricsText } from "./metrics.ts";
@@ -271,7 +270,7 @@ export function cacheApi(options: CacheApiOptions): Hono {
     }
   };
   const core = coreFor(store);
-  const pruner = prunerOf(core);
+  const pruner = core.pruner;
 
   // Background work: the prefetch worker (resumes the queue at start) and the clean timer.
   let prefetch: PrefetchQueue | undefined;

@@ -11,7 +11,6 @@ import {
   answerBody,
   answerFill,
   answerHit,
-  fillOpener,
   hitHeaders,
   isResponse,
   withHeader,
@@ -20,7 +19,8 @@ import { hasPreconditions } from "./_http/conditional.ts";
 import { requestPath } from "./_http/path.ts";
 import { checkFunction } from "./_options.ts";
 import { type FetchImage, prefetchImage } from "./_core/prefetch.ts";
-import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "./digest.ts";
+import type { CacheStatusDetail } from "./cache_status.ts";
+import { digestFromHeaders, type ExpectedDigest } from "./digest.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
 
@@ -216,7 +216,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   const join = async (c: Context, id: string, fill: Fill): Promise<Response> => {
     const refusal = await denied(c, id);
     if (refusal !== undefined) return refusal;
-    core.counters.coalesced++;
+    core.countCoalesced();
     const headers = new Headers(fill.responseHeaders);
     for (const [key, value] of Object.entries(statusHeaders("fwd=miss; collapsed"))) {
       headers.set(key, value);
@@ -262,8 +262,9 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   const joinRange = async (c: Context, id: string, fill: Fill, answer: Answer) => {
     const refusal = await denied(c, id);
     if (refusal !== undefined) return refusal;
-    core.counters.coalesced++;
-    return respond(c, answer, await answerBody(answer, fillOpener(fill)), "fwd=miss; collapsed");
+    core.countCoalesced();
+    const open = (start: number, end: number) => Promise.resolve(fillBody(fill, start, end + 1));
+    return respond(c, answer, await answerBody(answer, open), "fwd=miss; collapsed");
   };
 
   /** After a Range miss: fetch the whole image through `fetchImage`, so the next request hits. */
@@ -279,14 +280,18 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   };
 
   /** Marks a miss that is not stored. */
-  const passThrough = (c: Context, detail: string) => {
+  const passThrough = (c: Context, detail: CacheStatusDetail) => {
     core.countPassThrough(detail);
     mark(c, `fwd=miss; detail=${detail}`);
   };
 
   /** The origin's answer, passed through uncached. */
-  const forward = async (c: Context, next: () => Promise<void>, detail: string) => {
-    core.counters.misses++;
+  const forward = async (
+    c: Context,
+    next: () => Promise<void>,
+    detail: CacheStatusDetail,
+  ) => {
+    core.countMiss();
     await next();
     passThrough(c, detail);
   };
@@ -318,12 +323,11 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
     // One hit per request answered from the entry, whatever its status.
     store.recordHit(entry.id);
-    core.counters.hits++;
     if (answer !== undefined) {
-      core.counters.bytesFromCache += answer.length;
+      core.countHit(answer.length);
       return respond(c, answer, body, "hit");
     }
-    if (method === "GET") core.counters.bytesFromCache += entry.size;
+    core.countHit(method === "GET" ? entry.size : 0);
     return c.newResponse(body, 200, headersOfPlainHit(entry));
   };
 
@@ -364,65 +368,37 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       return;
     }
 
-    const claimed = core.claim(id);
-    if (!claimed.own) {
-      const fill = await claimed.claim.fill;
+    const { own, claim } = core.claim(id);
+    if (!own) {
+      const fill = await claim.fill;
       if (fill?.joinableFromStart) return join(c, id, fill);
       return forward(c, next, "uncacheable");
     }
-    const claim = claimed.claim;
-    core.counters.misses++;
+    core.countMiss();
     try {
       await next();
     } catch (error) {
-      claim.resolve(undefined);
+      claim.abandon();
       throw error;
     }
     const res = c.res;
-    if (res.status !== 200 || res.headers.has("content-range")) {
-      claim.resolve(undefined);
-      passThrough(c, `status-${res.status}`);
-      return;
-    }
-    let expected;
-    try {
-      expected = await expectedDigest(c, res);
-      if (expected !== undefined && !isDigestAlgorithm(expected.algorithm)) {
-        throw new TypeError(`Unsupported digest algorithm ${JSON.stringify(expected.algorithm)}`);
-      }
-    } catch (error) {
-      report(c)(error);
-      claim.resolve(undefined);
-      passThrough(c, "digest-error");
-      return;
-    }
-    if (expected === undefined && requireDigest) {
-      claim.resolve(undefined);
-      passThrough(c, "no-digest");
-      return;
-    }
-    const result = await core.startFill(id, res, {
-      expected,
+    const outcome = await core.fillFromOrigin(claim, res, {
+      expectedDigest: (response) => expectedDigest(c, response),
+      requireDigest,
       completeOnAbort,
-      onError: report(c),
-      claim,
       shareWhenBusy: true,
+      onError: report(c),
     });
-    if (typeof result === "string") {
-      claim.resolve(undefined);
-      passThrough(c, result);
-      return;
-    }
-    claim.resolve(result);
+    if (outcome.fill === undefined) return passThrough(c, outcome.detail);
+    const { fill, stored } = outcome;
     const headers = new Headers(res.headers);
-    const stored = result.detached === undefined;
     if (!stored) core.countPassThrough("busy");
     if (name !== false) {
-      const status = stored ? "stored" : result.followed ? "collapsed; detail=busy" : "detail=busy";
+      const status = stored ? "stored" : fill.followed ? "collapsed; detail=busy" : "detail=busy";
       headers.set("cache-status", `${name}; fwd=miss; ${status}`);
     }
     c.res = undefined;
-    c.res = new Response(fillBody(result), { status: 200, headers });
+    c.res = new Response(fillBody(fill), { status: 200, headers });
   };
 
   return async function imageCache(c, next) {

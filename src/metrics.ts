@@ -5,8 +5,6 @@
  * @module
  */
 import { coreFor } from "./_core/core.ts";
-import { prefetchCounters } from "./_core/prefetch_queue.ts";
-import { prunerOf } from "./_core/prune.ts";
 import type { ImageStore } from "./image_store.ts";
 
 /** The `Content-Type` of the Prometheus text format. */
@@ -83,10 +81,9 @@ export async function metricsText(store: ImageStore): Promise<string> {
   const core = coreFor(store);
   const counters = core.counters;
   const [usage, queued] = await Promise.all([
-    prunerOf(core).usage(),
+    core.pruner.usage(),
     store.queued().then((ids) => ids.length),
   ]);
-  const prefetches = prefetchCounters(core);
   const reasons = Object.keys(counters.passThrough).sort();
   return [
     family("image_cache_hits_total", "counter", "Requests answered from a committed entry.", [
@@ -127,8 +124,8 @@ export async function metricsText(store: ImageStore): Promise<string> {
       reasons.map((reason) => [{ reason }, counters.passThrough[reason]]),
     ),
     family("image_cache_prefetches_total", "counter", "Prefetch attempts, by result.", [
-      [{ result: "cached" }, prefetches.committed],
-      [{ result: "failed" }, prefetches.failed],
+      [{ result: "cached" }, counters.prefetchesCached],
+      [{ result: "failed" }, counters.prefetchesFailed],
     ]),
     family("image_cache_fills_in_progress", "gauge", "Fills under way in this process.", [
       [{}, core.filling().length],

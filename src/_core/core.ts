@@ -1,15 +1,20 @@
 /**
  * The cache's logic above a store, shared by every middleware and
- * management API bound to the same store: the fills under way (one per
- * image), claims for misses whose origin answer is still awaited, eviction.
+ * management API bound to the same store: claims for misses whose origin
+ * answer is still awaited, the fills under way (one per image), the one
+ * path by which an origin answer becomes a fill
+ * ({@linkcode CacheCore.fillFromOrigin}), eviction, and the pruning policy
+ * and counters of the store.
  *
  * @module
  */
 import { Fill, FillError } from "../_fill/fill.ts";
 import { followedSource } from "../_fill/follow.ts";
-import { installPruning } from "./prune.ts";
-import type { ExpectedDigest } from "../digest.ts";
-import type { ImageEntry, ImageStore, ImageWriter } from "../image_store.ts";
+import { unrefTimer } from "../_runtime.ts";
+import type { CacheStatusDetail } from "../cache_status.ts";
+import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
+import type { ImageStore, ImageWriter } from "../image_store.ts";
+import { Pruner } from "./prune.ts";
 
 /**
  * Counters of one store's cache, for metrics. Monotonic unless named as a gauge.
@@ -33,25 +38,10 @@ export interface CacheCounters {
   evictions: number;
   /** Misses not stored, by `Cache-Status` detail. */
   passThrough: Record<string, number>;
-}
-
-/**
- * Policy hooks installed by the management layer (pruning, space
- * reservation). The core calls them; they decide.
- */
-export interface CacheHooks {
-  /**
-   * Asked before a fill starts: resolves to a refusal detail (for
-   * `Cache-Status`) to pass the answer through uncached, or `undefined` to
-   * admit it. May reserve space; `release` is called when the fill ends.
-   */
-  admit?: (id: string, expectedLength: number | undefined) => Promise<string | undefined>;
-  /** Called when a fill ends, committed or not, after `admit` admitted it. */
-  release?: (id: string) => void;
-  /** Called after an entry is committed. */
-  committed?: (entry: ImageEntry) => void | Promise<void>;
-  /** Called after {@linkcode CacheCore.evict} removed what `id` had. */
-  evicted?: (id: string) => void;
+  /** Prefetches that ended with the image cached (committed, or found cached). */
+  prefetchesCached: number;
+  /** Prefetch attempts that failed (each is retried). */
+  prefetchesFailed: number;
 }
 
 /**
@@ -60,34 +50,82 @@ export interface CacheHooks {
  */
 const FOLLOW_STALL = 10_000;
 
-/** A miss whose origin answer is awaited: later requests for the image wait for it. */
-export interface Claim {
+/**
+ * A miss whose origin answer is awaited: later requests for the image wait
+ * for it ({@linkcode Claim.fill}) instead of asking the origin too. Settled
+ * exactly once, by {@linkcode CacheCore.fillFromOrigin} or
+ * {@linkcode Claim.abandon}.
+ */
+export class Claim {
+  /** The image. */
+  readonly id: string;
+  /** When the claim was made (ms): a deletion after it wins, in any process. */
+  readonly started: number = Date.now();
   /** Settles with the fill the answer became, or `undefined` when it did not. */
   readonly fill: Promise<Fill | undefined>;
   /** Set when the image was deleted meanwhile: the answer must not be stored. */
-  evicted: boolean;
-  /** When the claim was made (ms): a deletion after it wins, in any process. */
-  readonly started: number;
+  evicted = false;
+  #resolve!: (fill: Fill | undefined) => void;
+  #settled = false;
+  #onSettle: () => void;
+
+  constructor(id: string, onSettle: () => void) {
+    this.id = id;
+    this.#onSettle = onSettle;
+    this.fill = new Promise((resolve) => this.#resolve = resolve);
+  }
+
+  /** Whether the claim was settled. */
+  get settled(): boolean {
+    return this.#settled;
+  }
+
+  /** Settles the claim with `fill` (idempotent: the first settlement stands). */
+  settle(fill: Fill | undefined): void {
+    if (this.#settled) return;
+    this.#settled = true;
+    this.#onSettle();
+    this.#resolve(fill);
+  }
+
+  /** Settles the claim without a fill (the origin failed, or the request went away). */
+  abandon(): void {
+    this.settle(undefined);
+  }
 }
 
-interface OwnClaim extends Claim {
-  resolve(fill: Fill | undefined): void;
-}
-
-/** Options of {@linkcode CacheCore.startFill}. */
-export interface StartFillOptions {
-  expected?: ExpectedDigest;
+/** How {@linkcode CacheCore.fillFromOrigin} treats an origin answer. */
+export interface FillPolicy {
+  /**
+   * The digest the body must match.
+   * @default {digestFromHeaders(response.headers)}
+   */
+  expectedDigest?: (
+    response: Response,
+  ) => ExpectedDigest | undefined | Promise<ExpectedDigest | undefined>;
+  /** Refuse an answer that announces no digest. */
+  requireDigest: boolean;
+  /** Keep filling when the last client leaves. */
   completeOnAbort: boolean;
-  onError: (error: unknown) => void;
-  /** Claim to settle with the fill (or with `undefined`). */
-  claim?: Claim;
   /**
    * When another process is filling the image: still return a fill, one
-   * that stores nothing, so the clients waiting on this claim share one
-   * origin answer (at most one origin fetch per process).
+   * that stores nothing (it follows the other process's file, with this
+   * answer in reserve), so that the clients waiting on this claim share one
+   * origin answer. Otherwise such an answer is refused as `busy`.
    */
-  shareWhenBusy?: boolean;
+  shareWhenBusy: boolean;
+  /** Cache-side faults. */
+  onError: (error: unknown) => void;
 }
+
+/**
+ * What became of an origin answer: a fill (`stored` false when it only
+ * shares another process's fill), or why the answer passes through
+ * uncached.
+ */
+export type FillOutcome =
+  | { fill: Fill; stored: boolean; detail?: undefined }
+  | { fill?: undefined; detail: CacheStatusDetail };
 
 /** The writer of a fill that stores nothing. */
 const NO_WRITER: ImageWriter = {
@@ -136,11 +174,11 @@ export function contentLength(headers: Headers): number | undefined {
   return Number(value.trim());
 }
 
-/** One store's fills and claims. */
+/** One store's claims, fills, pruning policy and counters. */
 export class CacheCore {
   readonly store: ImageStore;
   readonly #fills = new Map<string, Fill>();
-  readonly #claims = new Map<string, OwnClaim>();
+  readonly #claims = new Map<string, Claim>();
   /** Counters for metrics. */
   readonly counters: CacheCounters = {
     hits: 0,
@@ -152,12 +190,27 @@ export class CacheCore {
     commits: 0,
     evictions: 0,
     passThrough: {},
+    prefetchesCached: 0,
+    prefetchesFailed: 0,
   };
-  /** Policy hooks; see {@linkcode CacheHooks}. */
-  readonly hooks: CacheHooks = {};
+  /** The store's size policy: admission, automatic and explicit pruning. */
+  readonly pruner: Pruner;
 
   constructor(store: ImageStore) {
     this.store = store;
+    this.pruner = new Pruner({
+      store,
+      busy: (id) => this.busy(id),
+      received: (id) => this.joinable(id)?.written ?? 0,
+      evicted: () => this.counters.evictions++,
+    });
+    // A store may start over its limit (other processes committed, or the
+    // limit was lowered): bring it within maxSize at start, not at the first
+    // commit. The timer does not keep the process alive.
+    const timer = setTimeout(() => {
+      this.pruner.prune().catch(() => {});
+    }, 0);
+    unrefTimer(timer);
   }
 
   /** The fill a new request for `id` may join. */
@@ -177,11 +230,6 @@ export class CacheCore {
     return undefined;
   }
 
-  /** Ids whose origin answer is awaited by a miss in this process. */
-  claimed(): string[] {
-    return [...this.#claims.keys()];
-  }
-
   /** Whether this process is filling (or about to fill) `id`. */
   busy(id: string): boolean {
     return this.#fills.has(id) || this.#claims.has(id);
@@ -192,80 +240,131 @@ export class CacheCore {
     return [...this.#fills.keys()];
   }
 
+  /** Counts a request answered from a committed entry, with the bytes its answer announced. */
+  countHit(bytes: number): void {
+    this.counters.hits++;
+    this.counters.bytesFromCache += bytes;
+  }
+
+  /** Counts a request that went to the origin. */
+  countMiss(): void {
+    this.counters.misses++;
+  }
+
+  /** Counts a request that joined a fill another request started. */
+  countCoalesced(): void {
+    this.counters.coalesced++;
+  }
+
   /** Counts a miss not stored, by its `Cache-Status` detail. */
-  countPassThrough(detail: string): void {
+  countPassThrough(detail: CacheStatusDetail): void {
     this.counters.passThrough[detail] = (this.counters.passThrough[detail] ?? 0) + 1;
   }
 
   /**
    * Claims the miss of `id` for the caller: `own` is true when the caller
-   * must ask the origin and settle the claim; otherwise `claim.fill` tells
-   * what the owner's answer became.
+   * must ask the origin and then call {@linkcode fillFromOrigin} (or
+   * {@linkcode Claim.abandon}); otherwise `claim.fill` tells what the
+   * owner's answer became.
    */
-  claim(id: string): { own: true; claim: OwnClaim } | { own: false; claim: Claim } {
+  claim(id: string): { own: boolean; claim: Claim } {
     const existing = this.#claims.get(id);
     if (existing !== undefined) return { own: false, claim: existing };
-    let resolve!: (fill: Fill | undefined) => void;
-    const claim: OwnClaim = {
-      fill: new Promise((r) => resolve = r),
-      evicted: false,
-      started: Date.now(),
-      resolve: (fill) => {
-        if (this.#claims.get(id) === claim) this.#claims.delete(id);
-        resolve(fill);
-      },
-    };
+    const claim: Claim = new Claim(id, () => {
+      if (this.#claims.get(id) === claim) this.#claims.delete(id);
+    });
     this.#claims.set(id, claim);
     return { own: true, claim };
   }
 
   /**
-   * Turns an origin `200` into a fill of the store. Returns the fill, or
-   * the reason it is not stored (a `Cache-Status` detail).
+   * The one path by which an origin answer becomes a fill: checks the
+   * answer (a full `200` with a body), finds the digest it must match,
+   * admits it (size, space), takes the store's writer and starts the fill.
+   * Settles `claim` either way. Never rejects: a fault of the store (or of
+   * a policy callback) is reported to `onError` and the answer passes
+   * through (`store-error`, `digest-error`).
    */
-  async startFill(
-    id: string,
+  async fillFromOrigin(
+    claim: Claim,
     response: Response,
-    options: StartFillOptions,
-  ): Promise<Fill | string> {
+    policy: FillPolicy,
+  ): Promise<FillOutcome> {
+    let outcome: FillOutcome;
+    try {
+      outcome = await this.#admit(claim, response, policy);
+    } catch (error) {
+      policy.onError(error);
+      outcome = { detail: "store-error" };
+    }
+    claim.settle(outcome.fill);
+    return outcome;
+  }
+
+  async #admit(claim: Claim, response: Response, policy: FillPolicy): Promise<FillOutcome> {
+    if (response.status !== 200 || response.headers.has("content-range")) {
+      return { detail: `status-${response.status}` };
+    }
+    let expected;
+    try {
+      expected = policy.expectedDigest === undefined
+        ? digestFromHeaders(response.headers)
+        : await policy.expectedDigest(response);
+      if (expected !== undefined && !isDigestAlgorithm(expected.algorithm)) {
+        throw new TypeError(`Unsupported digest algorithm ${JSON.stringify(expected.algorithm)}`);
+      }
+    } catch (error) {
+      policy.onError(error);
+      return { detail: "digest-error" };
+    }
+    if (expected === undefined && policy.requireDigest) return { detail: "no-digest" };
+    return await this.#startFill(claim, response, expected, policy);
+  }
+
+  async #startFill(
+    claim: Claim,
+    response: Response,
+    expected: ExpectedDigest | undefined,
+    policy: FillPolicy,
+  ): Promise<FillOutcome> {
+    const { id } = claim;
     const store = this.store;
     const expectedLength = contentLength(response.headers);
-    if (response.body === null) return "no-body";
-    if (options.claim?.evicted) return "deleted";
+    if (response.body === null) return { detail: "no-body" };
+    if (claim.evicted) return { detail: "deleted" };
     const previous = this.#fills.get(id);
-    if (previous?.joinable) return "busy";
+    if (previous?.joinable) return { detail: "busy" };
     // A fill that failed or stopped storing is letting go of the store's name: wait for it.
     await previous?.released;
-    if (expectedLength !== undefined && expectedLength > store.maxSize) return "too-large";
-    const hooks = this.hooks;
+    if (expectedLength !== undefined && expectedLength > store.maxSize) {
+      return { detail: "too-large" };
+    }
+    const pruner = this.pruner;
+    let refusal;
+    try {
+      refusal = await pruner.admit(id, expectedLength);
+    } catch (error) {
+      policy.onError(error);
+      return { detail: "store-error" };
+    }
+    if (refusal !== undefined) return { detail: refusal };
     let writer;
     try {
-      const refusal = await hooks.admit?.(id, expectedLength);
-      if (refusal !== undefined) return refusal;
+      writer = await store.createWriter(id, { expectedSize: expectedLength, since: claim.started });
     } catch (error) {
-      options.onError(error);
-      return "store-error";
-    }
-    const release = () => hooks.release?.(id);
-    try {
-      writer = await store.createWriter(id, {
-        expectedSize: expectedLength,
-        since: options.claim?.started,
-      });
-    } catch (error) {
-      release();
-      options.onError(error);
-      return "store-error";
+      pruner.release(id);
+      policy.onError(error);
+      return { detail: "store-error" };
     }
     if (typeof writer === "string") {
-      release();
-      if (writer !== "busy" || !options.shareWhenBusy) return writer;
+      pruner.release(id);
+      if (writer !== "busy" || !policy.shareWhenBusy) return { detail: writer };
     }
-    if (typeof writer === "object" && (options.claim?.evicted || this.#fills.get(id)?.joinable)) {
-      release();
-      await writer.abort("discard").catch(options.onError);
-      await writer.close().catch(options.onError);
-      return options.claim?.evicted ? "deleted" : "busy";
+    if (typeof writer === "object" && (claim.evicted || this.#fills.get(id)?.joinable)) {
+      pruner.release(id);
+      await writer.abort("discard").catch(policy.onError);
+      await writer.close().catch(policy.onError);
+      return { detail: claim.evicted ? "deleted" : "busy" };
     }
     const responseHeaders = new Headers();
     for (const [name, value] of response.headers) {
@@ -274,59 +373,62 @@ export class CacheCore {
     if (typeof writer === "string") {
       // Another process owns the fill: not stored here, shared by this process's
       // waiters. Its bytes come from the other process's file while it grows,
-      // with the origin's body held in reserve (src/_follow.ts).
+      // with the origin's body held in reserve (src/_fill/follow.ts).
       const follower = await store.follow?.(id).catch((error) => {
-        options.onError(error);
+        policy.onError(error);
         return undefined;
       });
       const source = follower === undefined
         ? response.body
         : followedSource(follower, response.body, expectedLength, { stallTime: FOLLOW_STALL });
-      return new Fill({
+      const fill = new Fill({
         id,
         writer: NO_WRITER,
         source,
         followed: follower !== undefined,
         expectedLength,
-        expected: options.expected,
+        expected,
         storedHeaders: {},
         responseHeaders,
         completeOnAbort: false,
         commit: false,
-        onError: options.onError,
+        onError: policy.onError,
       });
+      return { fill, stored: false };
     }
     const fill = new Fill({
       id,
       writer,
       source: response.body,
       expectedLength,
-      expected: options.expected,
+      expected,
       storedHeaders: storableHeaders(response.headers),
       responseHeaders,
-      completeOnAbort: options.completeOnAbort,
+      completeOnAbort: policy.completeOnAbort,
       commit: true,
-      onError: options.onError,
+      onError: policy.onError,
     });
     this.#fills.set(id, fill);
-    fill.done.then(async () => {
-      if (this.#fills.get(id) === fill) this.#fills.delete(id);
-      const counters = this.counters;
-      counters.bytesFromOrigin += fill.written;
-      if (fill.error?.reason === "digest" || fill.error?.reason === "length") {
-        counters.verificationFailures++;
-      }
-      release();
-      if (fill.committed !== undefined) {
-        counters.commits++;
-        try {
-          await hooks.committed?.(fill.committed);
-        } catch (error) {
-          options.onError(error);
-        }
-      }
-    });
-    return fill;
+    fill.done.then(() => this.#ended(fill, policy.onError));
+    return { fill, stored: true };
+  }
+
+  /** Accounts a stored fill that ended, committed or not. */
+  async #ended(fill: Fill, onError: (error: unknown) => void): Promise<void> {
+    if (this.#fills.get(fill.id) === fill) this.#fills.delete(fill.id);
+    const counters = this.counters;
+    counters.bytesFromOrigin += fill.written;
+    if (fill.error?.reason === "digest" || fill.error?.reason === "length") {
+      counters.verificationFailures++;
+    }
+    this.pruner.release(fill.id);
+    if (fill.committed === undefined) return;
+    counters.commits++;
+    try {
+      await this.pruner.committed(fill.committed);
+    } catch (error) {
+      onError(error);
+    }
   }
 
   /**
@@ -356,7 +458,7 @@ export class CacheCore {
     if (await store.deleteIncomplete(id)) found = true;
     if (await store.delete(id)) found = true;
     if (!options.keepQueued && await store.dequeue(id)) found = true;
-    this.hooks.evicted?.(id);
+    this.pruner.evicted(id);
     return found;
   }
 
@@ -398,7 +500,6 @@ export function coreFor(store: ImageStore): CacheCore {
   let core = cores.get(store);
   if (core === undefined) {
     core = new CacheCore(store);
-    installPruning(core);
     cores.set(store, core);
   }
   return core;

@@ -8,7 +8,7 @@
 import { isResponse } from "../_http/answer.ts";
 import type { CacheCore } from "./core.ts";
 import { unrefTimer } from "../_runtime.ts";
-import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
+import type { ExpectedDigest } from "../digest.ts";
 
 /** How the cache fetches a whole image from the origin (DESIGN.md §3). */
 export type FetchImage = (imageId: string, signal: AbortSignal) => Promise<Response>;
@@ -54,19 +54,12 @@ export async function prefetchImage(
   const { onError } = options;
   // Claim synchronously, before any await, so a request arriving next waits for this fill.
   if (core.busy(id)) return "busy";
-  const claimed = core.claim(id);
-  if (!claimed.own) return "busy";
-  const claim = claimed.claim;
-  let settled = false;
-  const settle = (fill?: Parameters<typeof claim.resolve>[0]) => {
-    if (!settled) claim.resolve(fill);
-    settled = true;
-  };
+  const { own, claim } = core.claim(id);
+  if (!own) return "busy";
   const controller = new AbortController();
   const stop = () => controller.abort(options.signal?.reason);
   if (options.signal?.aborted) stop();
   options.signal?.addEventListener("abort", stop, { once: true });
-  let response: Response | undefined;
   try {
     try {
       if (await core.store.get(id) !== undefined) return undefined;
@@ -74,61 +67,61 @@ export async function prefetchImage(
       onError(error);
       return "store-error";
     }
-    const timeout = options.headersTimeout ?? 60_000;
-    let timer: ReturnType<typeof setTimeout> | undefined;
+    let response;
     try {
-      response = await new Promise<Response>((resolve, reject) => {
-        timer = setTimeout(() => {
-          const error = new Error(`fetchImage("${id}") sent no response in ${timeout} ms`);
-          controller.abort(error);
-          reject(error);
-        }, timeout);
-        unrefTimer(timer);
-        fetchImage(id, controller.signal).then(resolve, reject);
-      });
+      response = await fetchWithin(id, fetchImage, controller, options.headersTimeout ?? 60_000);
     } catch (error) {
       onError(error);
       return "fetch-error";
-    } finally {
-      clearTimeout(timer);
     }
-    if (!isResponse(response)) {
-      onError(new TypeError(`fetchImage("${id}") did not resolve to a Response`));
-      response = undefined;
-      return "fetch-error";
-    }
-    if (response.status !== 200 || response.headers.has("content-range")) {
-      return `status-${response.status}`;
-    }
-    let expected;
-    try {
-      expected = options.expectedDigest === undefined
-        ? digestFromHeaders(response.headers)
-        : await options.expectedDigest(response);
-      if (expected !== undefined && !isDigestAlgorithm(expected.algorithm)) {
-        throw new TypeError(`Unsupported digest algorithm ${JSON.stringify(expected.algorithm)}`);
-      }
-    } catch (error) {
-      onError(error);
-      return "digest-error";
-    }
-    if (expected === undefined && options.requireDigest) return "no-digest";
-    const result = await core.startFill(id, response, {
-      expected,
+    const outcome = await core.fillFromOrigin(claim, response, {
+      expectedDigest: options.expectedDigest,
+      requireDigest: options.requireDigest ?? false,
       completeOnAbort: true,
+      shareWhenBusy: false,
       onError,
-      claim,
     });
-    if (typeof result === "string") return result;
-    response = undefined; // the fill owns the body now
-    settle(result);
-    await result.done;
-    if (result.committed !== undefined) return undefined;
-    return result.error?.reason ?? result.detached ?? "not-committed";
+    if (outcome.fill === undefined) {
+      // A body nobody will read: release the connection.
+      await response.body?.cancel().catch(() => {});
+      return outcome.detail;
+    }
+    const fill = outcome.fill;
+    await fill.done;
+    if (fill.committed !== undefined) return undefined;
+    return fill.error?.reason ?? fill.detached ?? "not-committed";
   } finally {
     options.signal?.removeEventListener("abort", stop);
-    settle(undefined);
-    // A body nobody will read: release the connection.
-    await response?.body?.cancel().catch(() => {});
+    claim.abandon();
+  }
+}
+
+/**
+ * `fetchImage(id)`, aborted (and rejected) when it sends no response
+ * headers within `timeout` ms; rejects when it resolves to no `Response`.
+ */
+async function fetchWithin(
+  id: string,
+  fetchImage: FetchImage,
+  controller: AbortController,
+  timeout: number,
+): Promise<Response> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const response = await new Promise<Response>((resolve, reject) => {
+      timer = setTimeout(() => {
+        const error = new Error(`fetchImage("${id}") sent no response in ${timeout} ms`);
+        controller.abort(error);
+        reject(error);
+      }, timeout);
+      unrefTimer(timer);
+      fetchImage(id, controller.signal).then(resolve, reject);
+    });
+    if (!isResponse(response)) {
+      throw new TypeError(`fetchImage("${id}") did not resolve to a Response`);
+    }
+    return response;
+  } finally {
+    clearTimeout(timer);
   }
 }

@@ -33,26 +33,6 @@ export interface PrefetchFailure {
   next: number;
 }
 
-/** Counters of a queue worker, for metrics. */
-export interface PrefetchCounters {
-  /** Prefetches that ended with the image cached (committed, or found cached). */
-  committed: number;
-  /** Prefetch attempts that failed (each is retried). */
-  failed: number;
-}
-
-const counters = new WeakMap<CacheCore, PrefetchCounters>();
-
-/** The prefetch counters of `core`, shared by every queue worker on it. */
-export function prefetchCounters(core: CacheCore): PrefetchCounters {
-  let value = counters.get(core);
-  if (value === undefined) {
-    value = { committed: 0, failed: 0 };
-    counters.set(core, value);
-  }
-  return value;
-}
-
 /** Works the prefetch queue of one store. */
 export class PrefetchQueue {
   readonly #core: CacheCore;
@@ -177,7 +157,7 @@ export class PrefetchQueue {
     if (this.closed) return;
     if (reason === undefined) {
       this.#failures.delete(id);
-      prefetchCounters(core).committed++;
+      core.counters.prefetchesCached++;
       // Committing dequeues; an image that was cached already still had its marker.
       await store.dequeue(id);
       return;
@@ -196,7 +176,7 @@ export class PrefetchQueue {
     const attempts = (previous?.attempts ?? 0) + 1;
     const delay = Math.min(options.maxRetryDelay, options.retryDelay * 2 ** (attempts - 1));
     this.#failures.set(id, { attempts, reason, next: Date.now() + delay });
-    prefetchCounters(core).failed++;
+    core.counters.prefetchesFailed++;
     options.onError(
       new Error(`Prefetch of image "${id}" failed (${reason}); retry in ${Math.round(delay)} ms`),
     );

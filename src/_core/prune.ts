@@ -19,8 +19,8 @@
  *   pruning also spares an entry served in the last second (a hit's file
  *   may not be open yet: Bun opens it lazily).
  *
- * The committed entries are listed once, then kept from the hooks (commit,
- * eviction), so admitting a fill costs no I/O; they are listed again every
+ * The committed entries are listed once, then kept up to date by the core
+ * (commit, eviction), so admitting a fill costs no I/O; they are listed again every
  * 30 seconds (or 100 times as long as a listing takes, on a huge cache),
  * since other processes may share the directory, and before an explicit
  * prune. An eviction candidate is checked with `store.get()` (one `stat`)
@@ -28,8 +28,7 @@
  *
  * @module
  */
-import { unrefTimer } from "../_runtime.ts";
-import type { CacheCore } from "./core.ts";
+import type { CacheStatusDetail } from "../cache_status.ts";
 import type { ImageEntry, ImageStore } from "../image_store.ts";
 
 /** Automatic pruning spares an entry served this recently (ms). */
@@ -83,9 +82,21 @@ function lruOrder(a: ImageEntry, b: ImageEntry): number {
     (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 }
 
+/** What the pruner needs to know of the fills under way (the cache core). */
+export interface PrunerHost {
+  /** The store to prune. */
+  readonly store: ImageStore;
+  /** Whether `id` is being filled (or about to be): never a victim. */
+  busy(id: string): boolean;
+  /** Bytes the fill of `id` under way has received (0 when none). */
+  received(id: string): number;
+  /** Counted once per entry removed by pruning. */
+  evicted(): void;
+}
+
 /** The pruning policy of one store's core. */
 export class Pruner {
-  readonly #core: CacheCore;
+  readonly #core: PrunerHost;
   /**
    * Committed entries as last listed, plus commits and evictions since.
    * Access times in it may be older than the store's: an entry is checked
@@ -100,7 +111,7 @@ export class Pruner {
   #reserved = new Map<string, number>();
   #lock: Promise<unknown> = Promise.resolve();
 
-  constructor(core: CacheCore) {
+  constructor(core: PrunerHost) {
     this.#core = core;
   }
 
@@ -144,7 +155,7 @@ export class Pruner {
   #unwritten(): number {
     let pending = 0;
     for (const [id, bytes] of this.#reserved) {
-      pending += Math.max(0, bytes - (this.#core.joinable(id)?.written ?? 0));
+      pending += Math.max(0, bytes - this.#core.received(id));
     }
     return pending;
   }
@@ -256,7 +267,7 @@ export class Pruner {
       if (!removed) continue;
       result.files++;
       result.bytes += entry.size;
-      core.counters.evictions++;
+      core.evicted();
     }
     result.enough = needed() <= 0;
     return result;
@@ -269,7 +280,10 @@ export class Pruner {
    * `maxObjectSize` or `maxSize`), `no-space` (the room is held by fills
    * under way, recently served entries, or the disk's `minFree`).
    */
-  admit(id: string, expectedLength: number | undefined): Promise<string | undefined> {
+  admit(
+    id: string,
+    expectedLength: number | undefined,
+  ): Promise<CacheStatusDetail | undefined> {
     const need = expectedLength ?? 0;
     if (need > this.#maxObjectSize) return Promise.resolve("too-large");
     return this.#exclusive(async () => {
@@ -306,7 +320,7 @@ export class Pruner {
     return this.#exclusive(async () => {
       if (tooLarge) {
         if (await this.#store.delete(entry.id).catch(() => false)) {
-          this.#core.counters.evictions++;
+          this.#core.evicted();
         }
         this.#set(entry.id, undefined);
         return;
@@ -346,36 +360,4 @@ export class Pruner {
       return { bytes: this.#committedBytes, entries: this.#entries.size, reserved };
     });
   }
-}
-
-const pruners = new WeakMap<CacheCore, Pruner>();
-
-/**
- * Installs the default pruning policy as `core`'s hooks. Called once per
- * core when it is created, so pruning works with `imageCache` alone.
- */
-export function installPruning(core: CacheCore): Pruner {
-  let pruner = pruners.get(core);
-  if (pruner !== undefined) return pruner;
-  const created = new Pruner(core);
-  pruners.set(core, created);
-  const hooks = core.hooks;
-  hooks.admit = (id, expectedLength) => created.admit(id, expectedLength);
-  hooks.release = (id) => created.release(id);
-  hooks.committed = (entry) => created.committed(entry);
-  hooks.evicted = (id) => created.evicted(id);
-  // A store may start over its limit (other processes committed, or the
-  // limit was lowered): bring it within maxSize at start, not at the first
-  // commit. The timer does not keep the process alive.
-  const timer = setTimeout(() => {
-    created.prune().catch(() => {});
-  }, 0);
-  unrefTimer(timer);
-  pruner = created;
-  return pruner;
-}
-
-/** The pruner of `core` (installed when the core was created). */
-export function prunerOf(core: CacheCore): Pruner {
-  return installPruning(core);
 }

@@ -1,13 +1,12 @@
 /**
- * HTTP details of answers from the cache: hit headers, `Cache-Status`
- * (RFC 9211), editing response headers safely, and what a request gets from
+ * HTTP answers from the cache, computed from metadata alone (no I/O): hit
+ * headers, editing response headers safely, and what a request gets from
  * a committed entry or a fill under way: `200`, `206` (single range or
  * `multipart/byteranges`), `304`, `412`, `416` (RFC 9110 §13-§15).
  *
  * @module
  */
 import { evaluatePreconditions, hasPreconditions, ifRangeHolds } from "./conditional.ts";
-import { type Fill, fillBody } from "../_fill/fill.ts";
 import {
   type ByteRange,
   contentRange,
@@ -54,14 +53,6 @@ export function hitHeaders(entry: ImageEntry): Headers {
 }
 
 /**
- * A `Cache-Status` member (RFC 9211 §2): `name; hit`, `name; fwd=miss; stored`,
- * `name; fwd=miss; collapsed`, `name; fwd=miss; detail=<reason>`.
- */
-export function cacheStatusValue(name: string, params: string): string {
-  return `${name}; ${params}`;
-}
-
-/**
  * `response` with a header set, whether or not its headers are immutable
  * (a `fetch()` response's are).
  */
@@ -83,6 +74,16 @@ export function withHeader(response: Response, name: string, value: string): Res
  * making the client wait for the fill to get there.
  */
 export const FILL_RANGE_AHEAD = 16 * 2 ** 20;
+
+/** What {@linkcode answerFill} needs to know of a fill under way. */
+export interface FillView {
+  /** The origin's `Content-Length`, when it sent one. */
+  readonly expectedLength: number | undefined;
+  /** Bytes received so far. */
+  readonly written: number;
+  /** The origin's headers, as clients of the fill get them. */
+  readonly responseHeaders: Headers;
+}
 
 /** What the cache answers: status, headers and what the body is made of. */
 export interface Answer {
@@ -152,7 +153,7 @@ export function answerHit(entry: ImageEntry, method: string, request: Headers): 
  *   fill's position.
  */
 export function answerFill(
-  fill: Fill,
+  fill: FillView,
   method: string,
   request: Headers,
 ): Answer | "join" | { forward: "range" | "conditional" } {
@@ -170,11 +171,6 @@ export function answerFill(
   const headers = new Headers(fill.responseHeaders);
   headers.set("accept-ranges", "bytes");
   return rangeAnswer(parsed, headers, size) as Answer;
-}
-
-/** Reads the bytes of a fill (end inclusive), following it as it grows. */
-export function fillOpener(fill: Fill): OpenRange {
-  return (start, end) => Promise.resolve(fillBody(fill, start, end + 1));
 }
 
 /**
