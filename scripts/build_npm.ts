@@ -26,6 +26,7 @@
 import { mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
+import { specifiers } from "./check_layout.ts";
 
 /** The npm name: deno.json's `name` is the scoped one JSR and `deno pack` require. */
 export const NPM_NAME = "hono-image-cache";
@@ -93,16 +94,6 @@ async function listFiles(dir: string, base = dir): Promise<string[]> {
   return out.sort();
 }
 
-/** Import specifiers of real import/export statements (comments removed). */
-function specifiers(code: string): string[] {
-  const stripped = code.replace(/\/\*[\s\S]*?\*\//g, "").replace(/^\s*\/\/.*$/gm, "");
-  const found: string[] = [];
-  const pattern =
-    /(?:^|[;\s])(?:import|export)\s*(?:type\s+)?(?:[\w*{}\s,$]+from\s*)?["']([^"']+)["']|import\(\s*["']([^"']+)["']\s*\)/g;
-  for (const match of stripped.matchAll(pattern)) found.push(match[1] ?? match[2]);
-  return found;
-}
-
 /**
  * Checks what the tarball holds; returns the problems found (empty: fine).
  * Exported for the test runner.
@@ -134,6 +125,7 @@ export async function checkPackage(directory: string, files: string[]): Promise<
     if (file.endsWith(".js") && /\brequire\s*\(|\bmodule\.exports\b/.test(code)) {
       problems.push(`${file} is not ESM`);
     }
+    if (file.endsWith(".d.ts")) problems.push(...declarationProblems(file, code));
     for (const spec of specifiers(code)) {
       if (spec.startsWith(".")) {
         if (!spec.endsWith(".js")) {
@@ -149,6 +141,30 @@ export async function checkPackage(directory: string, files: string[]): Promise<
         problems.push(`${file} imports "${spec}" (only relative, node:* and peers are allowed)`);
       }
     }
+  }
+  return problems;
+}
+
+/**
+ * What a published declaration file must not hold: a runtime's types (a
+ * `node:` import, a `/// <reference types>`), which a user without them
+ * cannot type-check, or a `_`-prefixed member, which is private.
+ */
+export function declarationProblems(file: string, code: string): string[] {
+  const problems: string[] = [];
+  for (const spec of specifiers(code)) {
+    if (spec.startsWith("node:")) problems.push(`${file} names a runtime's types ("${spec}")`);
+  }
+  if (/^\s*\/\/\/\s*<reference\s+types=/m.test(code)) {
+    problems.push(`${file} references a runtime's types (/// <reference types>)`);
+  }
+  const declarations = code.replace(/\/\*[\s\S]*?\*\//g, "").replace(/\/\/.*$/gm, "");
+  for (
+    const match of declarations.matchAll(
+      /^\s*(?:(?:readonly|static|abstract|public|protected|get|set|async)\s+)*(_\w*)\s*[?!]?\s*[(:<]/gm,
+    )
+  ) {
+    problems.push(`${file} publishes a private member ${match[1]}`);
   }
   return problems;
 }

@@ -9,7 +9,10 @@
  * 3. **Checks in that project** (tests/npm/): the smoke test (imageCache +
  *    FileSystemStore, a multi-MiB image downloaded twice over HTTP) on Node 22,
  *    Node 24, Bun and Deno; `require()` on Node 22, 24 and Bun; `tsc --noEmit`
- *    of a TypeScript consumer with moduleResolution node16 and bundler.
+ *    of a TypeScript consumer with moduleResolution node16 and bundler, and
+ *    once more in a project without `@types/node` (TypeScript's default
+ *    `types`, `nodenext`, `skipLibCheck: false`): no runtime's types leak
+ *    into the published `.d.ts` files.
  * 4. **The same test files on the installed tarball**: `node --test` on
  *    Node 22 and Node 24 (type stripping), `bun test` on Bun. There
  *    `hono-image-cache` resolves to node_modules, not to the source.
@@ -27,7 +30,7 @@
  *
  * @module
  */
-import { cp, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -370,15 +373,7 @@ async function makeProject(work: string, tarball: string): Promise<string | unde
     );
   }
   const specs = [tarball, ...await npmImports(), "typescript", "@types/node"];
-  console.log(`npm install ${specs.join(" ")}`);
-  const run = await exec("npm", [
-    "install",
-    "--no-audit",
-    "--no-fund",
-    "--prefer-offline",
-    "--loglevel=error",
-    ...specs,
-  ], { cwd: project, timeout: 5 * MINUTE });
+  const run = await npmInstall(project, specs);
   check("npm install of the tarball", run);
   if (run.code !== 0) return undefined;
   const installed = JSON.parse(
@@ -391,6 +386,55 @@ async function makeProject(work: string, tarball: string): Promise<string | unde
   return project;
 }
 
+async function npmInstall(project: string, specs: string[]): Promise<Exec> {
+  console.log(`npm install ${specs.join(" ")}`);
+  return await exec("npm", [
+    "install",
+    "--no-audit",
+    "--no-fund",
+    "--prefer-offline",
+    "--loglevel=error",
+    ...specs,
+  ], { cwd: project, timeout: 5 * MINUTE });
+}
+
+/**
+ * A second fresh project, as a strict TypeScript user has it: the tarball,
+ * hono and TypeScript only (no `@types/node`), TypeScript's default `types`
+ * and `lib`, `nodenext`, `skipLibCheck: false`. Our `.d.ts` files must
+ * type-check there: no runtime's types may leak into them.
+ */
+async function makePlainProject(work: string, tarball: string): Promise<string | undefined> {
+  const project = join(work, "plain");
+  await rm(project, { recursive: true, force: true });
+  await mkdir(project, { recursive: true });
+  await cp(join(TESTS, "npm", "consumer.ts"), join(project, "consumer.ts"));
+  await writeFile(
+    join(project, "package.json"),
+    JSON.stringify({ name: "hono-image-cache-plain", private: true, type: "module" }, null, 2),
+  );
+  await writeFile(
+    join(project, "tsconfig.json"),
+    JSON.stringify({
+      compilerOptions: {
+        module: "nodenext",
+        moduleResolution: "nodenext",
+        strict: true,
+        noEmit: true,
+        skipLibCheck: false,
+      },
+      files: ["consumer.ts"],
+    }),
+  );
+  const hono = (await npmImports()).filter((spec) => spec.startsWith("hono@"));
+  const run = await npmInstall(project, [tarball, ...hono, "typescript"]);
+  if (run.code !== 0) {
+    check("npm install (no @types/node)", run);
+    return undefined;
+  }
+  return project;
+}
+
 const LABEL: Record<Runtime, string> = {
   deno: "deno",
   node22: "node 22",
@@ -398,7 +442,11 @@ const LABEL: Record<Runtime, string> = {
   bun: "bun",
 };
 
-async function runChecks(project: string, bins: Partial<Record<Runtime, string>>) {
+async function runChecks(
+  project: string,
+  plain: string | undefined,
+  bins: Partial<Record<Runtime, string>>,
+) {
   header("checks of the installed package (tests/npm/)");
   for (const runtime of RUNTIMES) {
     const bin = bins[runtime];
@@ -432,6 +480,14 @@ async function runChecks(project: string, bins: Partial<Record<Runtime, string>>
       version,
     );
   }
+  if (plain === undefined) return;
+  const plainTsc = join(plain, "node_modules", "typescript", "bin", "tsc");
+  console.log(`tsc --noEmit without @types/node, skipLibCheck false (${plain})`);
+  check(
+    "tsc --noEmit (no @types/node)",
+    await exec(node, [plainTsc, "-p", "tsconfig.json"], { cwd: plain, timeout: CHECK_TIMEOUT }),
+    version,
+  );
 }
 
 async function runSuite(runtime: Runtime, bin: string, project: string, files: string[]) {
@@ -550,7 +606,7 @@ async function main(): Promise<boolean> {
       bins[runtime] = await binary(pkg);
       if (bins[runtime] === undefined) notRun(`${LABEL[runtime]}`, `npx -y ${pkg} failed`);
     }
-    await runChecks(project, bins);
+    await runChecks(project, await makePlainProject(work, tarball), bins);
     for (const runtime of npmRuntimes) {
       const bin = bins[runtime];
       if (bin === undefined) continue;

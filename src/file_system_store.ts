@@ -5,7 +5,17 @@
  */
 import { randomUUID } from "node:crypto";
 import { statSync } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, stat, utimes, writeFile } from "node:fs/promises";
+import {
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  rename,
+  stat,
+  statfs,
+  utimes,
+  writeFile,
+} from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
 import { fileNameForId, idForFileName } from "./_ids.ts";
@@ -194,6 +204,20 @@ export class FileSystemStore implements ImageStore {
   /** Whether this store can hold an image of this id. */
   canHold(id: string): boolean {
     return fileNameForId(id) !== undefined;
+  }
+
+  /**
+   * Bytes free for this process on the file system of `directory` (what
+   * `minFree` keeps), or `undefined` when the runtime cannot tell.
+   */
+  async freeSpace(): Promise<number | undefined> {
+    if (typeof statfs !== "function") return undefined;
+    try {
+      const info = await statfs(this.directory);
+      return Number(info.bavail) * Number(info.bsize);
+    } catch {
+      return undefined;
+    }
   }
 
   /** The committed entry for `id`, checked against its data file. */

@@ -10,9 +10,9 @@
  * - **A commit that takes the cache over `maxSize`** (an answer without
  *   `Content-Length`, or another process sharing the directory) evicts
  *   least-recently-used entries at once.
- * - **`minFree`** (a store with a `directory`): the disk keeps that many
- *   bytes free, measured with `statfs` where the runtime has it (Deno,
- *   Bun and Node all do); without it the check is skipped.
+ * - **`minFree`** (a store that can tell its free space, as
+ *   `FileSystemStore.freeSpace()` does): the disk keeps that many bytes
+ *   free; a store that cannot tell skips the check.
  * - Least recently used: oldest `lastAccessed` first, then fewest hits,
  *   oldest commit, id. Stores persist hits and last access, so the order
  *   survives a restart. An entry being filled is never evicted; automatic
@@ -54,27 +54,13 @@ export interface CacheUsage {
   reserved: number;
 }
 
-/** The optional limits a store may carry beyond `maxSize`. */
+/** The optional limits a store may carry beyond `maxSize` (see {@linkcode FileSystemStore}). */
 type LimitedStore = ImageStore & {
   readonly maxObjectSize?: number;
   readonly minFree?: number;
-  readonly directory?: string;
+  /** Free bytes where the store keeps its data; `undefined` when it cannot tell. */
+  freeSpace?(): Promise<number | undefined>;
 };
-
-type StatFs = (path: string) => Promise<{ bavail: number | bigint; bsize: number | bigint }>;
-/** `undefined`: not looked up yet; `null`: the runtime has no `statfs`. */
-let statfs: StatFs | null | undefined;
-
-async function loadStatfs(): Promise<StatFs | null> {
-  if (statfs !== undefined) return statfs;
-  try {
-    const fs = await import("node:fs/promises");
-    statfs = typeof fs.statfs === "function" ? (fs.statfs as unknown as StatFs) : null;
-  } catch {
-    statfs = null;
-  }
-  return statfs;
-}
 
 /** Least recently used first: last access, then hits, then commit time, then id. */
 function lruOrder(a: ImageEntry, b: ImageEntry): number {
@@ -180,12 +166,9 @@ export class Pruner {
   async #freeBytes(): Promise<number | undefined> {
     const store = this.#store;
     if (!(typeof store.minFree === "number" && store.minFree > 0)) return undefined;
-    if (typeof store.directory !== "string") return undefined;
-    const fn = await loadStatfs();
-    if (fn === null) return undefined;
+    if (typeof store.freeSpace !== "function") return undefined;
     try {
-      const info = await fn(store.directory);
-      return Number(info.bavail) * Number(info.bsize);
+      return await store.freeSpace();
     } catch {
       return undefined;
     }

@@ -5,7 +5,12 @@
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { breakNextHashWorker, fillHash, hashWorkerRunning, WORKER_MIN } from "../../src/_fill/hash.ts";
+import {
+  breakNextHashWorker,
+  fillHash,
+  hashWorkerRunning,
+  WORKER_MIN,
+} from "../../src/_fill/hash.ts";
 import { hexDigest, pattern } from "../_helpers.ts";
 
 const DATA = pattern(3 * 2 ** 20 + 12_345, 17);

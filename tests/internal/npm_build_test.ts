@@ -7,7 +7,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { checkPackage } from "../../scripts/build_npm.ts";
+import { checkPackage, declarationProblems } from "../../scripts/build_npm.ts";
 import {
   bunCounts,
   denoCounts,
@@ -109,5 +109,29 @@ describe("npm package content check", () => {
         assert.ok(problems.some((problem) => expected.test(problem)), `${expected}: ${problems}`);
       }
     });
+  });
+});
+
+describe("published declarations", () => {
+  it("flag a runtime's types and private members, never doc examples", () => {
+    const code = `import type { FileHandle } from "node:fs/promises";
+/** \`\`\`ts
+ * import assert from "node:assert/strict";
+ * \`\`\` */ export declare class Store {
+  #private;
+  /** Called by a writer. */ _commit(writer: unknown): Promise<void>;
+  readonly _state?: number;
+  handle(): import("node:fs/promises").FileHandle;
+  open(_options?: object): void;
+}`;
+    assert.deepEqual(declarationProblems("a.d.ts", code), [
+      'a.d.ts names a runtime\'s types ("node:fs/promises")',
+      'a.d.ts names a runtime\'s types ("node:fs/promises")',
+      "a.d.ts publishes a private member _commit",
+      "a.d.ts publishes a private member _state",
+    ]);
+    assert.deepEqual(declarationProblems("b.d.ts", '/// <reference types="node" />\n'), [
+      "b.d.ts references a runtime's types (/// <reference types>)",
+    ]);
   });
 });
