@@ -28,7 +28,7 @@ export const CACHE_STATUS_DETAILS = {
   "method": "A HEAD that missed: the origin answered it, nothing was stored",
   "range": "A Range request the cache could not answer: the origin answered it, not stored",
   "conditional": "A conditional request on an image still being filled: the origin answered it",
-  "uncacheable": "Waited for another request's miss of this image, which did not become a fill",
+  "uncacheable": "Waited on another request's miss or fill of this image, which could not serve it",
   "status-NNN": "The origin answered this status, not a full 200: passed through",
   "no-body": "The origin's 200 had no body: nothing to store",
   "digest-error":

@@ -40,10 +40,12 @@ import {
 } from "./_fs/files.ts";
 import { fileFollower } from "./_fs/follower.ts";
 import { FileWriter, type WriterLock } from "./_fs/writer.ts";
+import { isDigestAlgorithm } from "./digest.ts";
 import type {
   CleanResult,
   CommitInfo,
   CreateWriterOptions,
+  Digest,
   ImageEntry,
   ImageFollower,
   ImageStore,
@@ -329,6 +331,11 @@ export class FileSystemStore implements ImageStore {
       host: HOST,
       token: this.#token,
       started: Date.now(),
+      size: options?.expectedSize,
+      digest: options?.expectedDigest && {
+        algorithm: options.expectedDigest.algorithm,
+        value: options.expectedDigest.value.toLowerCase(),
+      },
     };
     for (let attempt = 0;; attempt++) {
       try {
@@ -382,10 +389,13 @@ export class FileSystemStore implements ImageStore {
     const name = fileNameForId(id);
     if (name === undefined) return undefined;
     await this.#init();
+    const ownerPath = this.#path("incomplete", name + OWNER_SUFFIX);
+    const record = parseOwner(await readFile(ownerPath, "utf8").catch(() => ""));
     return await fileFollower(
       this.#path("incomplete", name),
       this.#path(name),
       () => this.#ownerLive(name),
+      record && expectationOf(record),
     );
   }
 
@@ -676,6 +686,18 @@ export class FileSystemStore implements ImageStore {
     LIVE_TOKENS.delete(this.#token);
     await this.#flushHits();
   }
+}
+
+/** What an owner record says its fill will be verified against (damaged fields dropped). */
+function expectationOf(record: OwnerRecord): { size?: number; digest?: Digest } {
+  const expected: { size?: number; digest?: Digest } = {};
+  if (Number.isSafeInteger(record.size) && record.size! >= 0) expected.size = record.size;
+  const digest = record.digest;
+  if (
+    isDigestAlgorithm(digest?.algorithm) && typeof digest.value === "string" &&
+    /^[0-9a-f]+$/.test(digest.value)
+  ) expected.digest = { algorithm: digest.algorithm, value: digest.value };
+  return expected;
 }
 
 function compareStamps(a: string, b: string): number {

@@ -5,7 +5,7 @@
  */
 import type { Context, MiddlewareHandler } from "hono";
 import { coreFor, type Fill } from "./_core/core.ts";
-import { fillBody } from "./_fill/fill.ts";
+import { fillBody, type Reader, STALL_TIMEOUT } from "./_fill/fill.ts";
 import {
   type Answer,
   answerBody,
@@ -17,7 +17,7 @@ import {
 } from "./_http/answer.ts";
 import { hasPreconditions } from "./_http/conditional.ts";
 import { requestPath } from "./_http/path.ts";
-import { checkFunction } from "./_options.ts";
+import { checkFunction, checkSize } from "./_options.ts";
 import { type FetchImage, prefetchImage } from "./_core/prefetch.ts";
 import type { CacheStatusDetail } from "./cache_status.ts";
 import { digestFromHeaders, type ExpectedDigest } from "./digest.ts";
@@ -92,6 +92,13 @@ export interface ImageCacheOptions {
    * @default {true when fetchImage is given}
    */
   fillOnRange?: boolean;
+  /**
+   * Milliseconds the origin's body may stand still (no byte arrives) before
+   * the fill fails: its clients are cut, nothing is stored, rather than
+   * every client of the image waiting forever.
+   * @default {60000}
+   */
+  originStallTimeout?: number;
 }
 
 /**
@@ -160,6 +167,12 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   );
   const requireDigest = options.requireDigest ?? false;
   const completeOnAbort = options.completeOnAbort ?? true;
+  const stallTimeout = checkSize(
+    "imageCache",
+    "originStallTimeout",
+    options.originStallTimeout,
+    STALL_TIMEOUT,
+  );
   const fetchImage = checkFunction("imageCache", "fetchImage", options.fetchImage, undefined);
   const fillOnRange = options.fillOnRange ?? fetchImage !== undefined;
   if (typeof fillOnRange !== "boolean") {
@@ -213,17 +226,6 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
   };
 
-  const join = async (c: Context, id: string, fill: Fill): Promise<Response> => {
-    const refusal = await denied(c, id);
-    if (refusal !== undefined) return refusal;
-    core.countCoalesced();
-    const headers = new Headers(fill.responseHeaders);
-    for (const [key, value] of Object.entries(statusHeaders("fwd=miss; collapsed"))) {
-      headers.set(key, value);
-    }
-    return c.newResponse(fillBody(fill), 200, Object.fromEntries(headers));
-  };
-
   /**
    * The headers of a plain `200` hit (no `Range`, no precondition), built
    * once per committed entry: most hits are plain, and these headers are
@@ -258,13 +260,50 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     return c.newResponse(body, answer.status, Object.fromEntries(answer.headers));
   };
 
-  /** A range (206 or 416) of a fill under way, once `authorize` allows it. */
-  const joinRange = async (c: Context, id: string, fill: Fill, answer: Answer) => {
+  /**
+   * A request that joins a fill under way: the full body, or `answer` (a
+   * `206` or `416` computed from the fill's headers). `authorize` is asked
+   * first, and may take long enough for the fill to end: only then are
+   * readers attached (at once, synchronously), one per range. A fill that
+   * can no longer serve them leaves the request to the committed entry (a
+   * hit) or, failing that, to the origin.
+   */
+  const join = async (
+    c: Context,
+    next: () => Promise<void>,
+    id: string,
+    fill: Fill,
+    answer?: Answer,
+  ): Promise<Response | void> => {
     const refusal = await denied(c, id);
     if (refusal !== undefined) return refusal;
+    const starts = answer === undefined ? [0] : answer.ranges.map((range) => range.start);
+    const readers: Reader[] = [];
+    for (const start of starts) {
+      const reader = fill.attachAt(start);
+      if (reader === undefined) break;
+      readers.push(reader);
+    }
+    if (readers.length < starts.length) {
+      for (const reader of readers) fill.detach(reader);
+      const entry = await store.get(id).catch(report(c));
+      const hit = entry ? await answerFromEntry(c, entry) : undefined;
+      return hit ?? forward(c, next, "uncacheable");
+    }
     core.countCoalesced();
-    const open = (start: number, end: number) => Promise.resolve(fillBody(fill, start, end + 1));
-    return respond(c, answer, await answerBody(answer, open), "fwd=miss; collapsed");
+    if (answer === undefined) {
+      const headers = new Headers(fill.responseHeaders);
+      if (name !== false) headers.set("cache-status", `${name}; fwd=miss; collapsed`);
+      return c.newResponse(fillBody(fill, readers[0], 0), 200, Object.fromEntries(headers));
+    }
+    let opened = 0;
+    const open = (start: number, end: number) =>
+      Promise.resolve(fillBody(fill, readers[opened++], start, end + 1));
+    // Parts never opened (the client left early) let go of their readers.
+    const release = () => {
+      for (const reader of readers.slice(opened)) fill.detach(reader);
+    };
+    return respond(c, answer, await answerBody(answer, open, release), "fwd=miss; collapsed");
   };
 
   /** After a Range miss: fetch the whole image through `fetchImage`, so the next request hits. */
@@ -322,7 +361,11 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       return undefined;
     }
     // One hit per request answered from the entry, whatever its status.
-    store.recordHit(entry.id);
+    try {
+      store.recordHit(entry.id);
+    } catch (error) {
+      report(c)(error); // The count is advisory; the answer stands.
+    }
     if (answer !== undefined) {
       core.countHit(answer.length);
       return respond(c, answer, body, "hit");
@@ -338,6 +381,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   ): Promise<Response | void> => {
     const head = c.req.method === "HEAD";
     if (!store.canHold(id)) return forward(c, next, "unsupported-id");
+    // (A store method that throws, synchronously or not, is caught by the middleware.)
 
     let entry;
     try {
@@ -357,9 +401,9 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const running = await core.joinableOwned(id);
     if (running !== undefined) {
       const answer = answerFill(running, c.req.method, c.req.raw.headers);
-      if (answer === "join") return join(c, id, running);
+      if (answer === "join") return join(c, next, id, running);
       if ("forward" in answer) return forward(c, next, answer.forward);
-      return joinRange(c, id, running, answer);
+      return join(c, next, id, running, answer);
     }
     if (c.req.method === "GET" && c.req.header("range") !== undefined) {
       // The origin answers the range (206); it is not stored. The whole image may be fetched.
@@ -371,7 +415,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const { own, claim } = core.claim(id);
     if (!own) {
       const fill = await claim.fill;
-      if (fill?.joinableFromStart) return join(c, id, fill);
+      if (fill?.joinableFromStart) return join(c, next, id, fill);
       return forward(c, next, "uncacheable");
     }
     core.countMiss();
@@ -387,6 +431,7 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       requireDigest,
       completeOnAbort,
       shareWhenBusy: true,
+      stallTimeout,
       onError: report(c),
     });
     if (outcome.fill === undefined) return passThrough(c, outcome.detail);
@@ -398,14 +443,36 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       headers.set("cache-status", `${name}; fwd=miss; ${status}`);
     }
     c.res = undefined;
-    c.res = new Response(fillBody(fill), { status: 200, headers });
+    c.res = new Response(fillBody(fill, fill.attachAt(0)!, 0), { status: 200, headers });
   };
 
   return async function imageCache(c, next) {
     const match = matchRoute(routes, c.req.method, requestPath(c.req.url));
     if (match === undefined) return next();
     const { route, id } = match;
-    if (route.action === "serve") return serve(c, next, id);
+    if (route.action === "serve") {
+      // The origin is asked at most once, and whatever the cache's side throws
+      // (a store method that should not), the origin's answer still goes out.
+      let asked = false;
+      let failed: { error: unknown } | undefined;
+      const origin = async () => {
+        asked = true;
+        try {
+          await next();
+        } catch (error) {
+          failed = { error };
+          throw error;
+        }
+      };
+      try {
+        return await serve(c, origin, id);
+      } catch (error) {
+        if (failed !== undefined && failed.error === error) throw error; // The origin's own.
+        report(c)(error);
+        if (!asked) return forward(c, origin, "store-error");
+        return; // The origin answered: `c.res` holds its answer.
+      }
+    }
     await next();
     if (c.res.status >= 200 && c.res.status < 300) {
       try {

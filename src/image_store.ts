@@ -125,6 +125,11 @@ export interface CreateWriterOptions {
   /** Announced size, when the origin sent a `Content-Length`. */
   expectedSize?: number;
   /**
+   * The digest the fill will be verified against, when known. A store shared
+   * by processes records it with the fill (see {@linkcode ImageFollower.expected}).
+   */
+  expectedDigest?: Digest;
+  /**
    * When the request that leads to this fill started (ms since the epoch).
    * A store shared by processes refuses to commit when the image was deleted
    * (see {@linkcode ImageStore.markDeleted}) at or after that time.
@@ -167,6 +172,14 @@ export interface CreateWriterOptions {
  * ```
  */
 export interface ImageFollower {
+  /**
+   * What the followed fill will be verified against before it commits: its
+   * announced size and digest. A follower follows only a fill that checks
+   * at least what its own origin answer would be checked against (the
+   * owner's commit then proves its bytes); absent: unknown, never followed
+   * by a process that has a digest of its own.
+   */
+  readonly expected?: { size?: number; digest?: Digest };
   /**
    * Up to `length` bytes from `position`; empty when none are there (yet).
    * Bytes once read never change: the owner only appends.

@@ -13,8 +13,8 @@ import { followedSource } from "../_fill/follow.ts";
 import { unrefTimer } from "../_runtime.ts";
 import type { CacheStatusDetail } from "../cache_status.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
-import type { ImageStore, ImageWriter } from "../image_store.ts";
-import { Pruner } from "./prune.ts";
+import type { ImageStore } from "../image_store.ts";
+import { Pruner, type Reservation } from "./prune.ts";
 
 /**
  * Counters of one store's cache, for metrics. Monotonic unless named as a gauge.
@@ -114,6 +114,11 @@ export interface FillPolicy {
    * origin answer. Otherwise such an answer is refused as `busy`.
    */
   shareWhenBusy: boolean;
+  /**
+   * Milliseconds the origin's body may stand still before the fill fails.
+   * @default {60000}
+   */
+  stallTimeout?: number;
   /** Cache-side faults. */
   onError: (error: unknown) => void;
 }
@@ -127,21 +132,18 @@ export type FillOutcome =
   | { fill: Fill; stored: boolean; detail?: undefined }
   | { fill?: undefined; detail: CacheStatusDetail };
 
-/** The writer of a fill that stores nothing. */
-const NO_WRITER: ImageWriter = {
-  write: () => Promise.reject(new Error("This fill stores nothing")),
-  read: () => Promise.reject(new Error("This fill stores nothing")),
-  commit: () => Promise.reject(new Error("This fill stores nothing")),
-  abort: () => Promise.resolve(),
-  close: () => Promise.resolve(),
-};
-
-/** Headers kept with an entry and replayed on hits. */
+/**
+ * Headers kept with an entry and replayed on hits: the representation's
+ * metadata and its validators (RFC 9110 §8.8), so that a hit answers
+ * preconditions as the origin would.
+ */
 const STORED_HEADERS = new Set([
   "content-type",
   "content-disposition",
   "content-encoding",
   "content-language",
+  "etag",
+  "last-modified",
 ]);
 
 /** Hop-by-hop and per-client headers never sent to a client that joins a fill. */
@@ -172,6 +174,22 @@ export function contentLength(headers: Headers): number | undefined {
   const value = headers.get("content-length");
   if (value === null || !/^\d{1,16}$/.test(value.trim())) return undefined;
   return Number(value.trim());
+}
+
+/**
+ * Whether another process's fill, verified against `theirs`, checks at least
+ * what this answer would be checked against (its length, its digest): then
+ * its commit proves its bytes to this answer too.
+ */
+function checksAtLeast(
+  theirs: { size?: number; digest?: { algorithm: string; value: string } } | undefined,
+  size: number | undefined,
+  digest: ExpectedDigest | undefined,
+): boolean {
+  if (size !== undefined && theirs?.size !== size) return false;
+  if (digest === undefined) return true;
+  return theirs?.digest?.algorithm === digest.algorithm &&
+    theirs.digest.value === digest.value.toLowerCase();
 }
 
 /** One store's claims, fills, pruning policy and counters. */
@@ -340,28 +358,32 @@ export class CacheCore {
       return { detail: "too-large" };
     }
     const pruner = this.pruner;
-    let refusal;
+    let reservation;
     try {
-      refusal = await pruner.admit(id, expectedLength);
+      reservation = await pruner.admit(id, expectedLength);
     } catch (error) {
       policy.onError(error);
       return { detail: "store-error" };
     }
-    if (refusal !== undefined) return { detail: refusal };
+    if (typeof reservation === "string") return { detail: reservation };
     let writer;
     try {
-      writer = await store.createWriter(id, { expectedSize: expectedLength, since: claim.started });
+      writer = await store.createWriter(id, {
+        expectedSize: expectedLength,
+        expectedDigest: expected,
+        since: claim.started,
+      });
     } catch (error) {
-      pruner.release(id);
+      pruner.release(reservation);
       policy.onError(error);
       return { detail: "store-error" };
     }
     if (typeof writer === "string") {
-      pruner.release(id);
+      pruner.release(reservation);
       if (writer !== "busy" || !policy.shareWhenBusy) return { detail: writer };
     }
     if (typeof writer === "object" && (claim.evicted || this.#fills.get(id)?.joinable)) {
-      pruner.release(id);
+      pruner.release(reservation);
       await writer.abort("discard").catch(policy.onError);
       await writer.close().catch(policy.onError);
       return { detail: claim.evicted ? "deleted" : "busy" };
@@ -374,24 +396,31 @@ export class CacheCore {
       // Another process owns the fill: not stored here, shared by this process's
       // waiters. Its bytes come from the other process's file while it grows,
       // with the origin's body held in reserve (src/_fill/follow.ts).
-      const follower = await store.follow?.(id).catch((error) => {
+      let follower = await store.follow?.(id).catch((error) => {
         policy.onError(error);
         return undefined;
       });
-      const source = follower === undefined
-        ? response.body
+      if (follower !== undefined && !checksAtLeast(follower.expected, expectedLength, expected)) {
+        // Its commit would not prove its bytes to this answer's checks: this
+        // answer's own body is served instead (never another origin's bytes).
+        await follower.close().catch(policy.onError);
+        follower = undefined;
+      }
+      const followed = follower === undefined
+        ? undefined
         : followedSource(follower, response.body, expectedLength, { stallTime: FOLLOW_STALL });
       const fill = new Fill({
         id,
-        writer: NO_WRITER,
-        source,
-        followed: follower !== undefined,
+        writer: undefined,
+        source: followed?.stream ?? response.body,
+        backing: followed?.backing,
+        followed: followed !== undefined,
         expectedLength,
         expected,
         storedHeaders: {},
         responseHeaders,
         completeOnAbort: false,
-        commit: false,
+        stallTimeout: policy.stallTimeout,
         onError: policy.onError,
       });
       return { fill, stored: false };
@@ -405,27 +434,33 @@ export class CacheCore {
       storedHeaders: storableHeaders(response.headers),
       responseHeaders,
       completeOnAbort: policy.completeOnAbort,
-      commit: true,
+      stallTimeout: policy.stallTimeout,
       onError: policy.onError,
     });
     this.#fills.set(id, fill);
-    fill.done.then(() => this.#ended(fill, policy.onError));
+    fill.done.then(() => this.#ended(fill, reservation, policy.onError));
     return { fill, stored: true };
   }
 
   /** Accounts a stored fill that ended, committed or not. */
-  async #ended(fill: Fill, onError: (error: unknown) => void): Promise<void> {
+  async #ended(
+    fill: Fill,
+    reservation: Reservation,
+    onError: (error: unknown) => void,
+  ): Promise<void> {
     if (this.#fills.get(fill.id) === fill) this.#fills.delete(fill.id);
     const counters = this.counters;
     counters.bytesFromOrigin += fill.written;
     if (fill.error?.reason === "digest" || fill.error?.reason === "length") {
       counters.verificationFailures++;
     }
-    this.pruner.release(fill.id);
-    if (fill.committed === undefined) return;
+    if (fill.committed === undefined) {
+      this.pruner.release(reservation);
+      return;
+    }
     counters.commits++;
     try {
-      await this.pruner.committed(fill.committed);
+      await this.pruner.committed(fill.committed, reservation);
     } catch (error) {
       onError(error);
     }

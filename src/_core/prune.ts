@@ -15,9 +15,10 @@
  *   free; a store that cannot tell skips the check.
  * - Least recently used: oldest `lastAccessed` first, then fewest hits,
  *   oldest commit, id. Stores persist hits and last access, so the order
- *   survives a restart. An entry being filled is never evicted; automatic
- *   pruning also spares an entry served in the last second (a hit's file
- *   may not be open yet: Bun opens it lazily).
+ *   survives a restart. An entry being filled is never evicted. When
+ *   pruning evicts an entry served in the last second, its file is removed
+ *   a second later (a hit's file may not be open yet: Bun opens
+ *   it lazily); it leaves the accounting at once.
  *
  * The committed entries are listed once, then kept up to date by the core
  * (commit, eviction), so admitting a fill costs no I/O; they are listed again every
@@ -31,10 +32,18 @@
 import type { CacheStatusDetail } from "../cache_status.ts";
 import type { ImageEntry, ImageStore } from "../image_store.ts";
 
-/** Automatic pruning spares an entry served this recently (ms). */
+/** Automatic pruning removes the file of an entry served this recently (ms) only this much later. */
 const SERVE_GRACE = 1_000;
 /** Running totals older than this (ms) are re-read from the store before admitting a fill. */
 const RESYNC_AFTER = 30_000;
+
+/** The space a fill under way holds (see {@linkcode Pruner.admit}). */
+export interface Reservation {
+  /** The image filled. */
+  readonly id: string;
+  /** Bytes held: the fill's announced length (0 when unknown). */
+  readonly bytes: number;
+}
 
 /** What a prune removed. */
 export interface PruneResult {
@@ -93,8 +102,8 @@ export class Pruner {
   #syncedAt = -Infinity;
   /** How long the last `store.list()` took: a slow listing is repeated less often. */
   #syncCost = 0;
-  /** Bytes reserved by fills under way, by id. */
-  #reserved = new Map<string, number>();
+  /** Space held by fills under way: one reservation per fill, several fills of an id apart. */
+  #reserved = new Set<Reservation>();
   #lock: Promise<unknown> = Promise.resolve();
 
   constructor(core: PrunerHost) {
@@ -131,7 +140,7 @@ export class Pruner {
   /** Committed bytes plus reservations; an id both listed and reserved counts once. */
   #usage(): number {
     let usage = this.#committedBytes;
-    for (const [id, bytes] of this.#reserved) {
+    for (const { id, bytes } of this.#reserved) {
       usage += Math.max(0, bytes - (this.#entries.get(id)?.size ?? 0));
     }
     return usage;
@@ -140,7 +149,7 @@ export class Pruner {
   /** Reserved bytes not yet written to the disk (for `minFree`). */
   #unwritten(): number {
     let pending = 0;
-    for (const [id, bytes] of this.#reserved) {
+    for (const { id, bytes } of this.#reserved) {
       pending += Math.max(0, bytes - this.#core.received(id));
     }
     return pending;
@@ -188,66 +197,73 @@ export class Pruner {
 
   /**
    * Removes least-recently-used entries until `needed()` bytes are freed.
-   * Never one being filled; with `grace`, never one served in the last
-   * second. Each victim is checked with `store.get()` first: an entry
-   * served since it was listed moves behind every entry that was not; an
-   * entry gone meanwhile (a missing file) frees 0 bytes and is forgotten.
+   * Never one being filled; the file of one served in the last second is
+   * removed a second later. Each victim is checked with
+   * `store.get()` first: an entry served since it was listed takes its new
+   * place in the order; an entry gone meanwhile (a missing file) frees 0
+   * bytes and is forgotten.
    * Unless `all`, removes nothing when it cannot free enough.
    */
   async #evict(
     needed: () => number,
-    options: { grace: boolean; all: boolean },
-  ): Promise<PruneResult & { enough: boolean }> {
-    const result = { files: 0, bytes: 0, enough: needed() <= 0 };
+    options: { all: boolean },
+  ): Promise<PruneResult & { enough: boolean; later: Promise<void>[] }> {
+    const result = { files: 0, bytes: 0, enough: needed() <= 0, later: [] as Promise<void>[] };
     if (result.enough) return result;
     const core = this.#core;
     const store = this.#store;
     const now = Date.now();
-    const recent = (entry: ImageEntry) =>
-      options.grace && entry.hits > 0 && now - entry.lastAccessed < SERVE_GRACE;
+    const recent = (entry: ImageEntry) => entry.hits > 0 && now - entry.lastAccessed < SERVE_GRACE;
     const victims: ImageEntry[] = [];
-    const served: ImageEntry[] = [];
     let planned = 0;
-    const order = [...this.#entries.values()].filter((entry) => !core.busy(entry.id))
+    // Least recently used first, by what the store says now: an entry served
+    // since it was listed (by another process, say) takes its place again.
+    const pending = [...this.#entries.values()].filter((entry) => !core.busy(entry.id))
       .sort(lruOrder);
-    for (const listed of order) {
-      if (planned >= needed()) break;
-      let current;
-      try {
-        current = await store.get(listed.id);
-      } catch {
-        continue; // Cannot be judged now: not a victim.
+    const checked = new Set<string>();
+    while (pending.length > 0 && planned < needed()) {
+      const listed = pending.shift()!;
+      if (!checked.has(listed.id)) {
+        checked.add(listed.id);
+        let current;
+        try {
+          current = await store.get(listed.id);
+        } catch {
+          continue; // Cannot be judged now: not a victim.
+        }
+        if (current === undefined) {
+          this.#set(listed.id, undefined); // Gone already: frees nothing, needs less.
+          continue;
+        }
+        if (current.lastAccessed !== listed.lastAccessed || current.hits !== listed.hits) {
+          this.#set(current.id, current);
+          let at = 0;
+          while (at < pending.length && lruOrder(pending[at], current) <= 0) at++;
+          pending.splice(at, 0, current);
+          continue;
+        }
       }
-      if (current === undefined) {
-        this.#set(listed.id, undefined); // Gone already: frees nothing, needs less.
-        continue;
-      }
-      if (current.lastAccessed !== listed.lastAccessed || current.hits !== listed.hits) {
-        this.#set(current.id, current);
-        served.push(current); // Served since listed: newer than every unchanged entry.
-        continue;
-      }
-      if (recent(current)) continue;
-      victims.push(current);
-      planned += current.size;
-    }
-    for (const entry of served.sort(lruOrder)) {
-      if (planned >= needed()) break;
-      if (recent(entry)) continue;
-      victims.push(entry);
-      planned += entry.size;
+      victims.push(listed);
+      planned += listed.size;
     }
     if (planned < needed() && !options.all) return result;
     for (const entry of victims) {
       if (needed() <= 0) break;
-      let removed = false;
-      try {
-        removed = await store.delete(entry.id);
-      } catch {
-        // An entry that cannot be removed (permissions) is skipped, not retried: no loop.
-      }
       this.#set(entry.id, undefined);
-      if (!removed) continue;
+      if (recent(entry)) {
+        // Served within the grace: its body may not have opened its file yet
+        // (Bun opens lazily), so the file goes a moment later. It leaves the
+        // cache's accounting now: least recently used goes first, always.
+        result.later.push(this.#removeLater(entry));
+      } else {
+        let removed = false;
+        try {
+          removed = await store.delete(entry.id);
+        } catch {
+          // An entry that cannot be removed (permissions) is skipped, not retried: no loop.
+        }
+        if (!removed) continue;
+      }
       result.files++;
       result.bytes += entry.size;
       core.evicted();
@@ -257,36 +273,54 @@ export class Pruner {
   }
 
   /**
+   * Removes `entry` once {@linkcode SERVE_GRACE} has passed, unless it was
+   * replaced meanwhile. Never rejects.
+   */
+  #removeLater(entry: ImageEntry): Promise<void> {
+    // Not unref'd: an explicit prune waits for it; it keeps a process alive a second at most.
+    return new Promise<void>((resolve) => {
+      setTimeout(async () => {
+        try {
+          const current = await this.#store.get(entry.id);
+          if (current?.created === entry.created) await this.#store.delete(entry.id);
+        } catch {
+          // Gone, or cannot be removed: the next prune judges it again.
+        }
+        resolve();
+      }, SERVE_GRACE);
+    });
+  }
+
+  /**
    * Admits a fill of `expectedLength` bytes (unknown: nothing reserved),
-   * evicting least-recently-used entries to make room. Resolves a
-   * `Cache-Status` detail when it cannot fit: `too-large` (over
-   * `maxObjectSize` or `maxSize`), `no-space` (the room is held by fills
-   * under way, recently served entries, or the disk's `minFree`).
+   * evicting least-recently-used entries to make room. Resolves the fill's
+   * {@linkcode Reservation} (to hand back to {@linkcode release} or
+   * {@linkcode committed}), or a `Cache-Status` detail when it cannot fit:
+   * `too-large` (over `maxObjectSize` or `maxSize`), `no-space` (the room is
+   * held by fills under way, or the disk's `minFree`).
    */
   admit(
     id: string,
     expectedLength: number | undefined,
-  ): Promise<CacheStatusDetail | undefined> {
+  ): Promise<Reservation | CacheStatusDetail> {
     const need = expectedLength ?? 0;
     if (need > this.#maxObjectSize) return Promise.resolve("too-large");
     return this.#exclusive(async () => {
       if (this.#stale()) await this.#resync();
       const free = await this.#freeBytes();
       if (this.#shortfall(need, free) > 0) {
-        const { enough } = await this.#evict(() => this.#shortfall(need, free), {
-          grace: true,
-          all: false,
-        });
+        const { enough } = await this.#evict(() => this.#shortfall(need, free), { all: false });
         if (!enough) return "no-space";
       }
-      this.#reserved.set(id, (this.#reserved.get(id) ?? 0) + need);
-      return undefined;
+      const reservation = { id, bytes: need };
+      this.#reserved.add(reservation);
+      return reservation;
     });
   }
 
-  /** Ends the reservation of a fill that ended. */
-  release(id: string): void {
-    this.#reserved.delete(id);
+  /** Ends the reservation of a fill that ended. Idempotent. */
+  release(reservation: Reservation): void {
+    this.#reserved.delete(reservation);
   }
 
   /**
@@ -294,9 +328,9 @@ export class Pruner {
    * and prunes when the cache went over `maxSize`: an entry larger than
    * allowed is removed itself, otherwise least-recently-used ones.
    */
-  committed(entry: ImageEntry): Promise<void> {
+  committed(entry: ImageEntry, reservation?: Reservation): Promise<void> {
     // Synchronously, so no admission sees the bytes neither reserved nor committed.
-    this.#reserved.delete(entry.id);
+    if (reservation !== undefined) this.#reserved.delete(reservation);
     this.#set(entry.id, entry);
     const tooLarge = entry.size > this.#maxObjectSize;
     if (!tooLarge && this.#usage() <= this.#store.maxSize) return Promise.resolve();
@@ -309,7 +343,7 @@ export class Pruner {
         return;
       }
       const maxSize = this.#store.maxSize;
-      await this.#evict(() => this.#usage() - maxSize, { grace: true, all: true });
+      await this.#evict(() => this.#usage() - maxSize, { all: true });
     });
   }
 
@@ -326,10 +360,11 @@ export class Pruner {
   prune(target: number = this.#store.maxSize): Promise<PruneResult> {
     return this.#exclusive(async () => {
       await this.#resync();
-      const { files, bytes } = await this.#evict(() => this.#usage() - target, {
-        grace: false,
+      const { files, bytes, later } = await this.#evict(() => this.#usage() - target, {
         all: true,
       });
+      // An explicit prune answers once the files are gone.
+      await Promise.all(later);
       return { files, bytes };
     });
   }
@@ -339,7 +374,7 @@ export class Pruner {
     return this.#exclusive(async () => {
       if (this.#stale()) await this.#resync();
       let reserved = 0;
-      for (const bytes of this.#reserved.values()) reserved += bytes;
+      for (const { bytes } of this.#reserved) reserved += bytes;
       return { bytes: this.#committedBytes, entries: this.#entries.size, reserved };
     });
   }

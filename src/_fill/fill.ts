@@ -25,6 +25,17 @@
  *   bytes stay in memory until every reader has passed them, and the pump
  *   waits (bounded memory) for the slowest reader. Every attached client
  *   still gets the full, correct body (invariant 2).
+ * - **A fill that stores nothing** here (another process owns the image's
+ *   fill) has a *backing* instead of a writer: the other process's growing
+ *   file (src/_fill/follow.ts). Readers that trail read it back from there,
+ *   so a slow one holds no memory and stalls nobody.
+ * - **Late readers attach only where they can be served**
+ *   ({@linkcode Fill.attachAt}): a request that decided to join, then waited
+ *   (a slow `authorize`), attaches afterwards or is told no, and then reads
+ *   the committed entry or asks the origin. An attached reader keeps what it
+ *   reads from (the writer's read handle, the followed file) open.
+ * - **An origin that stands still** longer than `stallTimeout` fails the
+ *   fill: its clients are cut rather than left waiting forever.
  *
  * @module
  */
@@ -32,6 +43,8 @@ import { type FillHash, fillHash } from "./hash.ts";
 import { digestMatches, type ExpectedDigest } from "../digest.ts";
 import type { DigestAlgorithm, ImageEntry, ImageWriter } from "../image_store.ts";
 
+/** Default of {@linkcode FillInit.stallTimeout}. */
+export const STALL_TIMEOUT = 60_000;
 /** Bytes of the newest data kept in memory for readers near the head. */
 const WINDOW = 2 * 2 ** 20;
 /** Bytes a detached fill may hold for readers before it waits for the slowest. */
@@ -54,11 +67,28 @@ export class FillError extends Error {
   }
 }
 
+/**
+ * Bytes of a fill that can be read back from somewhere other than memory:
+ * `[0, available)`. A stored fill's backing is its writer; a fill that
+ * follows another process's file has that file.
+ */
+export interface FillBacking {
+  /** Bytes that can be read back, from 0. Grows, never shrinks. */
+  readonly available: number;
+  /** Up to `length` bytes from `position` (below `available`). */
+  read(position: number, length: number): Promise<Uint8Array>;
+  /** Releases what `read` needs. Idempotent. */
+  close(): Promise<void>;
+}
+
 /** What starts a fill. */
 export interface FillInit {
   id: string;
-  writer: ImageWriter;
+  /** Where the fill stores the image; `undefined`: it stores nothing (a shared pass-through). */
+  writer: ImageWriter | undefined;
   source: ReadableStream<Uint8Array>;
+  /** Where a fill that stores nothing reads back what left memory (a followed file). */
+  backing?: FillBacking;
   /** From `Content-Length`, when the origin sent one. */
   expectedLength?: number;
   /** What the body must hash to; `undefined`: the length alone is checked. */
@@ -69,15 +99,20 @@ export interface FillInit {
   responseHeaders: Headers;
   /** Keep filling when the last client leaves. */
   completeOnAbort: boolean;
-  /** Whether to commit at all (false: a pass-through that still coalesces). */
-  commit: boolean;
-  /** Whether `source` follows another process's fill (see src/_follow.ts). */
+  /** Whether `source` follows another process's fill (see src/_fill/follow.ts). */
   followed?: boolean;
+  /**
+   * Milliseconds the source may stand still (a read that does not resolve)
+   * before the fill fails.
+   * @default {60000}
+   */
+  stallTimeout?: number;
   /** Cache-side faults (store write failures, commit failures). */
   onError: (error: unknown) => void;
 }
 
-interface Reader {
+/** A client attached to a fill (see {@linkcode Fill.attachAt}). */
+export interface Reader {
   /** The next byte this reader needs (`Infinity`: it pins no byte of the fill). */
   position: number;
   /** The last byte of a range, kept aside while it waits for verification. */
@@ -112,8 +147,10 @@ export class Fill {
   #release!: () => void;
 
   #init: FillInit;
+  #writer: ImageWriter | undefined;
   #hash: FillHash;
   #written = 0;
+  /** Bytes the writer holds (a stored fill). */
   #durable = 0;
   #detached: string | undefined;
   #window: WindowChunk[] = [];
@@ -124,18 +161,22 @@ export class Fill {
   #readerWake: (() => void) | undefined;
   #source: ReadableStreamDefaultReader<Uint8Array>;
   #committing: Promise<unknown> | undefined;
-  #writerClosed = false;
+  /** Whether what readers read back from (writer, backing) was released. */
+  #closed = false;
   /** Whether the write loop runs; it stops when the store holds every byte received. */
   #flushing = false;
   /** The write loop, settled once it stopped. Never rejects. */
   #flushed: Promise<void> = Promise.resolve();
   /** The store write in flight. Never rejects. */
   #batch: Promise<void> = Promise.resolve();
+  /** When the pending source read started (ms); `undefined` while none is pending. */
+  #readingSince: number | undefined;
   #start!: () => void;
 
   constructor(init: FillInit) {
     this.id = init.id;
     this.#init = init;
+    this.#writer = init.writer;
     this.responseHeaders = init.responseHeaders;
     this.expectedLength = init.expectedLength;
     this.followed = init.followed ?? false;
@@ -147,7 +188,7 @@ export class Fill {
     // shared by clients starts with its first client, so no byte is read
     // before someone can take it.
     const started = new Promise<void>((resolve) => this.#start = resolve);
-    if (init.commit) {
+    if (init.writer !== undefined) {
       this.#start();
     } else {
       this.#detached = "not-stored";
@@ -168,12 +209,11 @@ export class Fill {
 
   /**
    * Whether a client may still join from the first byte: a stored fill
-   * while it runs, or a pass-through that has dropped nothing yet.
+   * while it runs, or a pass-through that can still serve its first byte.
    */
   get joinableFromStart(): boolean {
     if (this.joinable) return true;
-    return this.state === "running" && this.#detached === "not-stored" &&
-      (this.#window[0]?.offset ?? this.#written) === 0;
+    return this.state === "running" && this.#detached === "not-stored" && this.#servable(0);
   }
 
   /** Whether the fill stopped storing (store fault, deletion, or never meant to). */
@@ -191,6 +231,20 @@ export class Fill {
     return this.#readers.size;
   }
 
+  /** Bytes that can be read back from the writer or the backing, from 0. */
+  #available(): number {
+    if (this.#writer !== undefined) return this.#durable;
+    return this.#init.backing?.available ?? 0;
+  }
+
+  /** Whether a reader attached now could be served from `position` on. */
+  #servable(position: number): boolean {
+    if (this.state === "failed") return false;
+    if (position < this.#available() && !this.#closed) return true;
+    const first = this.#window.length > 0 ? this.#window[0].offset : this.#written;
+    return position >= first && (position < this.#written || this.state === "running");
+  }
+
   #newTick() {
     this.#tick = new Promise((resolve) => this.#wake = resolve);
   }
@@ -203,9 +257,22 @@ export class Fill {
 
   async #pump(): Promise<void> {
     const init = this.#init;
+    const timeout = init.stallTimeout ?? STALL_TIMEOUT;
+    // One watchdog per fill, not a timer per read: an origin that stands still fails the fill.
+    const watchdog = setInterval(() => {
+      const since = this.#readingSince;
+      if (since !== undefined && Date.now() - since > timeout) {
+        this.#fail(
+          new FillError("origin-stalled", `Origin body sent nothing for ${timeout} ms`),
+        );
+      }
+    }, Math.max(10, Math.min(timeout / 4, 5_000)));
+    // Not unref'd: a fill whose origin stands still is work under way, and ends by this timer.
     try {
       for (;;) {
+        this.#readingSince = Date.now();
         const { done, value } = await this.#source.read();
+        this.#readingSince = undefined;
         // A cancelled source also ends with `done`: that is never a complete body.
         if (this.state !== "running") break;
         if (done) {
@@ -236,14 +303,17 @@ export class Fill {
         if (this.#detached !== undefined) await this.#waitForReaders();
       }
     } catch (error) {
+      this.#readingSince = undefined;
       await this.#flushed;
       await this.#fail(
         error instanceof FillError
           ? error
           : new FillError("origin-error", `Origin body failed: ${error}`, { cause: error }),
       );
+    } finally {
+      clearInterval(watchdog);
     }
-    if (this.#readers.size === 0) await this.#closeWriter();
+    if (this.#readers.size === 0) await this.#closeBacking();
   }
 
   /** Starts the write loop unless it runs. */
@@ -260,12 +330,13 @@ export class Fill {
    * `#flushing` happen in one turn, so bytes received later start a new loop.
    */
   async #writeLoop(): Promise<void> {
+    const writer = this.#writer!;
     try {
       while (this.#detached === undefined && this.#durable < this.#written) {
         const bytes = this.#unstored();
         const end = this.#durable + bytes.byteLength;
         let failure: { error: unknown } | undefined;
-        this.#batch = this.#init.writer.write(bytes).catch((error) => {
+        this.#batch = writer.write(bytes).catch((error) => {
           failure = { error };
         });
         await this.#batch;
@@ -310,10 +381,13 @@ export class Fill {
     return bytes;
   }
 
-  #closeWriter(): Promise<void> {
-    if (this.#writerClosed) return Promise.resolve();
-    this.#writerClosed = true;
-    return this.#init.writer.close().catch((e) => this.#init.onError(e));
+  /** Releases what readers read back from: the writer's read handle, the followed file. */
+  async #closeBacking(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const onError = this.#init.onError;
+    await this.#writer?.close().catch(onError);
+    await this.#init.backing?.close().catch(onError);
   }
 
   async #finish() {
@@ -339,7 +413,7 @@ export class Fill {
     }
     if (this.#detached === undefined && this.state === "running") {
       const headers = init.storedHeaders;
-      this.#committing = init.writer.commit({
+      this.#committing = this.#writer!.commit({
         size,
         digest: { algorithm: this.algorithm, value: hex },
         headers,
@@ -350,6 +424,7 @@ export class Fill {
       await this.#committing;
       this.#release();
     }
+    if (this.state !== "running") return; // Failed meanwhile (stalled, cancelled).
     this.state = "verified";
     this.#progress();
   }
@@ -364,7 +439,7 @@ export class Fill {
     this.#source.cancel(error).catch(() => {});
     if (this.#detached === undefined) {
       this.#detached = error.reason;
-      await this.#init.writer.abort(error.reason === "cancelled" ? "discard" : "invalid")
+      await this.#writer!.abort(error.reason === "cancelled" ? "discard" : "invalid")
         .catch((e) => this.#init.onError(e));
       this.#release();
     }
@@ -374,7 +449,7 @@ export class Fill {
   async #detach(reason: string) {
     if (this.#detached !== undefined) return;
     this.#detached = reason;
-    await this.#init.writer.abort("discard").catch((e) => this.#init.onError(e));
+    await this.#writer!.abort("discard").catch((e) => this.#init.onError(e));
     this.#release();
   }
 
@@ -387,7 +462,7 @@ export class Fill {
     if (!this.joinable) return false;
     let owned = true;
     try {
-      owned = await (this.#init.writer.owned?.() ?? true);
+      owned = await (this.#writer!.owned?.() ?? true);
     } catch {
       owned = false;
     }
@@ -404,15 +479,16 @@ export class Fill {
       await this.#committing;
       return;
     }
-    await this.#detach("deleted");
+    if (this.#writer !== undefined) await this.#detach("deleted");
   }
 
   /**
-   * Frees memory no reader needs: bytes older than the window that the store
-   * holds; once detached (no one joins any more), also bytes every reader passed.
+   * Frees memory no reader needs: bytes older than the window that the
+   * writer or backing holds; once detached (no one joins any more), also
+   * bytes every reader passed.
    */
   #trim() {
-    let keep = this.#durable;
+    let keep = this.#available();
     if (this.#detached !== undefined) {
       let slowest = Infinity;
       for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
@@ -436,7 +512,7 @@ export class Fill {
       if (this.state !== "running") return;
       let slowest = Infinity;
       for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
-      if (this.#written - Math.max(this.#durable, slowest) <= DETACHED_LIMIT) return;
+      if (this.#written - Math.max(this.#available(), slowest) <= DETACHED_LIMIT) return;
       this.#readerTick ??= new Promise((resolve) => this.#readerWake = resolve);
       await this.#readerTick;
     }
@@ -450,21 +526,28 @@ export class Fill {
     wake();
   }
 
-  /** Attaches a client that starts reading at `position`. */
-  attach(position = 0): Reader {
+  /**
+   * Attaches a client that starts reading at `position`, or `undefined`
+   * when the fill can no longer serve it from there (it failed, or ended
+   * and released what it read back from): the caller then reads the
+   * committed entry, or asks the origin. Synchronous, so that a check and
+   * the attachment cannot be separated by the fill's end.
+   */
+  attachAt(position: number): Reader | undefined {
+    if (!this.#servable(position)) return undefined;
     const reader = { position };
     this.#readers.add(reader);
     this.#start();
     return reader;
   }
 
-  /** Detaches a client (done, failed, or hung up). */
+  /** Detaches a client (done, failed, or hung up). Idempotent. */
   detach(reader: Reader): void {
     if (!this.#readers.delete(reader)) return;
     this.#readerMoved();
     if (this.#readers.size > 0) return;
     if (this.state !== "running") {
-      this.#closeWriter();
+      this.#closeBacking();
     } else if (!this.#init.completeOnAbort || this.#detached !== undefined) {
       this.#fail(new FillError("cancelled", "Every client left the fill"));
     }
@@ -539,13 +622,14 @@ export class Fill {
         ? chunk.bytes
         : chunk.bytes.subarray(from, to);
     }
-    const length = Math.min(READ_CHUNK, stop - position, this.#durable - position);
+    const backing = this.#writer ?? this.#init.backing;
+    const length = Math.min(READ_CHUNK, stop - position, this.#available() - position);
     let bytes: Uint8Array = new Uint8Array();
-    if (length > 0) {
+    if (length > 0 && backing !== undefined) {
       // One retry: a transient read fault should not cut a client that trails the fill.
-      bytes = await this.#init.writer.read(position, length).catch(() =>
+      bytes = await backing.read(position, length).catch(() =>
         new Promise<Uint8Array>((resolve, reject) =>
-          setTimeout(() => this.#init.writer.read(position, length).then(resolve, reject), 10)
+          setTimeout(() => backing.read(position, length).then(resolve, reject), 10)
         )
       );
     }
@@ -562,11 +646,16 @@ export class Fill {
 }
 
 /**
- * A body that follows `fill` from byte `start` to `end` (exclusive). The
- * client detaches when it finishes, fails or cancels.
+ * A body that follows `fill` from byte `start` to `end` (exclusive), for a
+ * reader attached at `start` ({@linkcode Fill.attachAt}). The reader
+ * detaches when the body finishes, fails or is cancelled.
  */
-export function fillBody(fill: Fill, start = 0, end = Infinity): ReadableStream<Uint8Array> {
-  const reader = fill.attach(start);
+export function fillBody(
+  fill: Fill,
+  reader: Reader,
+  start: number,
+  end = Infinity,
+): ReadableStream<Uint8Array> {
   let position = start;
   return new ReadableStream<Uint8Array>({
     async pull(controller) {

@@ -10,9 +10,13 @@
  * that reads this source checks them and holds the last byte back), so a
  * client never gets a clean end of bytes that do not match.
  *
+ * The followed file also backs the fill: clients that trail read what they
+ * need back from it, as from a store, so they hold no memory.
+ *
  * @module
  */
 import type { ImageFollower } from "../image_store.ts";
+import type { FillBacking } from "./fill.ts";
 
 /** Largest read of the followed file. */
 const READ_CHUNK = 256 * 1024;
@@ -28,6 +32,17 @@ export interface FollowOptions {
   onFallback?: (position: number, why: string) => void;
 }
 
+/** What {@linkcode followedSource} makes: the bytes, and where they can be read back. */
+export interface FollowedSource {
+  /** The image's bytes, from the followed file, then (if it stops) from the origin. */
+  stream: ReadableStream<Uint8Array>;
+  /**
+   * The followed file as the fill's backing: `available` counts the bytes
+   * the stream took from it. Owns the follower: closing it closes the file.
+   */
+  backing: FillBacking;
+}
+
 /**
  * The bytes of an image: from `follower` while it delivers, then from
  * `origin` (its first bytes skipped). `length` is the origin's
@@ -39,7 +54,7 @@ export function followedSource(
   origin: ReadableStream<Uint8Array>,
   length: number | undefined,
   options: FollowOptions,
-): ReadableStream<Uint8Array> {
+): FollowedSource {
   let position = 0;
   // Locked at once, though read only on a fall-back: an unlocked, unread body
   // may be cancelled under us (undici cancels the body of a Response that was
@@ -48,14 +63,21 @@ export function followedSource(
   let fromOrigin = false;
   /** Origin bytes still to drop: they were sent from the followed file. */
   let skip = 0;
-  let released = false;
-  const release = () => {
-    if (released) return;
-    released = true;
-    follower.close().catch(() => {});
+  /** Bytes taken from the followed file: they can be read back from it. */
+  let fromFile = 0;
+  let closed = false;
+  const backing: FillBacking = {
+    get available() {
+      return fromFile;
+    },
+    read: (at, count) => follower.read(at, count),
+    close: async () => {
+      if (closed) return;
+      closed = true;
+      await follower.close();
+    },
   };
   const fallBack = (why: string) => {
-    release();
     options.onFallback?.(position, why);
     skip = position;
     fromOrigin = true;
@@ -98,12 +120,11 @@ export function followedSource(
   };
 
   const finish = (controller: ReadableStreamDefaultController<Uint8Array>) => {
-    release();
     originReader.cancel().catch(() => {});
     controller.close();
   };
 
-  return new ReadableStream<Uint8Array>({
+  const stream = new ReadableStream<Uint8Array>({
     async pull(controller) {
       if (!fromOrigin) {
         if (length !== undefined && position >= length) return finish(controller);
@@ -111,6 +132,7 @@ export function followedSource(
         if (bytes === null) return finish(controller);
         if (bytes !== undefined) {
           position += bytes.byteLength;
+          fromFile = position;
           controller.enqueue(bytes);
           return;
         }
@@ -134,8 +156,8 @@ export function followedSource(
       }
     },
     async cancel(reason) {
-      release();
       await originReader.cancel(reason).catch(() => {});
     },
   }, { highWaterMark: 0 });
+  return { stream, backing };
 }

@@ -77,6 +77,10 @@ export interface OwnerRecord {
   token: string;
   /** When the fill started, ms since the epoch. */
   started: number;
+  /** The size the fill will be verified against, when announced. */
+  size?: number;
+  /** The digest the fill will be verified against, when known. */
+  digest?: { algorithm: string; value: string };
 }
 
 /** This host's name, once. */

@@ -6,18 +6,20 @@
  * @module
  */
 import { open, stat } from "node:fs/promises";
-import type { ImageFollower } from "../image_store.ts";
+import type { Digest, ImageFollower } from "../image_store.ts";
 import { isNotFound } from "./files.ts";
 
 /**
  * A follower of the partial file at `dataPath`, or `undefined` when there is
  * none. `committedPath` is where the owner commits it; `ownerLive` tells
- * whether the fill's owner still holds its lock.
+ * whether the fill's owner still holds its lock; `expected` is what the
+ * owner recorded it will verify.
  */
 export async function fileFollower(
   dataPath: string,
   committedPath: string,
   ownerLive: () => Promise<boolean>,
+  expected: { size?: number; digest?: Digest } | undefined,
 ): Promise<ImageFollower | undefined> {
   let handle;
   try {
@@ -38,6 +40,7 @@ export async function fileFollower(
   /** A buffer a read found nothing for: the next poll reuses it instead of allocating. */
   let unused: Uint8Array | undefined;
   return {
+    expected,
     read: async (position, length) => {
       const buffer = unused !== undefined && unused.byteLength >= length
         ? unused

@@ -6,7 +6,12 @@
  *
  * @module
  */
-import { evaluatePreconditions, hasPreconditions, ifRangeHolds } from "./conditional.ts";
+import {
+  evaluatePreconditions,
+  hasPreconditions,
+  ifRangeHolds,
+  parseHttpDate,
+} from "./conditional.ts";
 import {
   type ByteRange,
   contentRange,
@@ -20,9 +25,20 @@ import {
 } from "./range.ts";
 import type { ImageEntry } from "../image_store.ts";
 
-/** The strong validator of an entry: its digest (RFC 9110 §8.8.3). */
+/**
+ * The entity tag of an entry (RFC 9110 §8.8.3): the origin's, replayed, so
+ * that a hit answers preconditions as the origin would; the digest (a
+ * strong validator) when the origin sent none.
+ */
 export function entityTag(entry: ImageEntry): string {
-  return `"${entry.digest.algorithm}-${entry.digest.value}"`;
+  return entry.headers["etag"] ?? `"${entry.digest.algorithm}-${entry.digest.value}"`;
+}
+
+/** When the entry was last modified (ms): the origin's `Last-Modified`, else its commit time. */
+export function lastModified(entry: ImageEntry): number {
+  const origin = entry.headers["last-modified"];
+  const parsed = origin === undefined ? undefined : parseHttpDate(origin);
+  return parsed ?? entry.created;
 }
 
 /** An IMF-fixdate (RFC 9110 §5.6.7). */
@@ -47,7 +63,7 @@ export function hitHeaders(entry: ImageEntry): Headers {
   }
   headers.set("content-length", String(entry.size));
   headers.set("etag", entityTag(entry));
-  headers.set("last-modified", httpDate(entry.created));
+  if (!headers.has("last-modified")) headers.set("last-modified", httpDate(entry.created));
   headers.set("accept-ranges", "bytes");
   return headers;
 }
@@ -112,7 +128,7 @@ const NOT_MODIFIED_HEADERS = ["cache-control", "expires", "vary", "content-locat
  * handling is defined for `GET` only).
  */
 export function answerHit(entry: ImageEntry, method: string, request: Headers): Answer {
-  const validators = { etag: entityTag(entry), lastModified: entry.created };
+  const validators = { etag: entityTag(entry), lastModified: lastModified(entry) };
   const head = method === "HEAD";
   const verdict = evaluatePreconditions(method, request, validators);
   if (verdict === "not-modified") {
@@ -177,17 +193,20 @@ export function answerFill(
  * The body of an answer. The first (or only) range is opened before this
  * resolves, so a store fault surfaces before any header is sent; further
  * parts of a multipart body are opened one at a time as the client reads.
+ * `release` is called once when a multipart body ends, fails or is
+ * cancelled (parts it never opened may hold something).
  */
 export async function answerBody(
   answer: Answer,
   open: OpenRange,
+  release?: () => void,
 ): Promise<ReadableStream<Uint8Array> | Blob | string | null> {
   if (answer.text !== undefined) return answer.text;
   if (answer.ranges.length === 0) return null;
   const first = answer.ranges[0];
   const body = await open(first.start, first.end);
   if (answer.multipart === undefined) return body;
-  return multipartBody(answer.multipart, open, body);
+  return multipartBody(answer.multipart, open, body, release);
 }
 
 /** `206` or `416` for a parsed `Range`; `undefined`: ignore it (send `200`). */

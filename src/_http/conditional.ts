@@ -1,13 +1,14 @@
 /**
  * Conditional requests (RFC 9110 §13) evaluated against a cached entry's
- * validators: its strong `ETag` and its `Last-Modified` (commit time).
+ * validators: its `ETag` and `Last-Modified` (the origin's, or the digest and the
+ * commit time).
  *
  * @module
  */
 
 /** The validators of a selected representation. */
 export interface Validators {
-  /** A strong entity tag, quoted: `"md5-…"`. */
+  /** An entity tag, quoted: the origin's, or `"md5-…"`. */
   etag: string;
   /** Last modification, in milliseconds since the epoch (compared in whole seconds). */
   lastModified: number;

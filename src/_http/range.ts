@@ -191,21 +191,30 @@ function streamOf(body: ReadableStream<Uint8Array> | Blob): ReadableStream<Uint8
  * first part, already opened by the caller so that a store fault surfaces
  * before any header is sent. A part that ends short or long errors the
  * stream, so the client sees a cut connection, never a clean wrong body.
+ * `onEnd` is called once, when the body ends, fails or is cancelled.
  */
 export function multipartBody(
   layout: MultipartLayout,
   open: OpenRange,
   first: ReadableStream<Uint8Array> | Blob,
+  onEnd?: () => void,
 ): ReadableStream<Uint8Array> {
   let index = 0;
   let pending: ReadableStream<Uint8Array> | Blob | undefined = first;
   let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
   let left = 0;
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    onEnd?.();
+  };
   const release = (reason?: unknown) => {
     reader?.cancel(reason).catch(() => {});
     reader = undefined;
     if (pending !== undefined) streamOf(pending).cancel(reason).catch(() => {});
     pending = undefined;
+    end();
   };
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
@@ -214,6 +223,7 @@ export function multipartBody(
           if (index === layout.parts.length) {
             controller.enqueue(layout.tail);
             controller.close();
+            end();
             return;
           }
           const part = layout.parts[index];

@@ -166,6 +166,7 @@ export class FaultyStore implements ImageStore {
     const follower = await this.#inner.follow?.(id);
     if (follower === undefined) return undefined;
     return {
+      expected: follower.expected,
       read: (position, length) =>
         this.faults.failRead
           ? Promise.reject(fault("EIO", "read"))

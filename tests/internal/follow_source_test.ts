@@ -43,57 +43,67 @@ function originBody() {
 
 describe("followedSource()", () => {
   it("hands over to the origin, skipping what it sent, once the file stood still for stallTime", async () => {
-    const { follower, calls } = stuckFollower(120_000, "filling");
+    const { follower } = stuckFollower(120_000, "filling");
     const origin = originBody();
     const fallbacks: [number, string][] = [];
     const started = Date.now();
-    const { bytes, error } = await readBody(
-      new Response(followedSource(follower, origin.body, IMAGE.byteLength, {
-        stallTime: 100,
-        onFallback: (position, why) => fallbacks.push([position, why]),
-      })),
-    );
+    const followed = followedSource(follower, origin.body, IMAGE.byteLength, {
+      stallTime: 100,
+      onFallback: (position, why) => fallbacks.push([position, why]),
+    });
+    const { bytes, error } = await readBody(new Response(followed.stream));
     assert.equal(error, undefined);
     assertBytes(bytes, IMAGE);
     assert.deepEqual(fallbacks, [[120_000, "stalled"]]);
     assert.ok(Date.now() - started >= 100);
-    assert.equal(calls.closed, 1);
+    assert.equal(followed.backing.available, 120_000, "what came from the file can be read back");
   });
 
   it("ends with the file, never reading the origin, when the file is committed", async () => {
-    const { follower, calls } = stuckFollower(IMAGE.byteLength, "committed");
+    const { follower } = stuckFollower(IMAGE.byteLength, "committed");
     const origin = originBody();
-    const { bytes } = await readBody(
-      new Response(followedSource(follower, origin.body, undefined, { stallTime: 10_000 })),
-    );
+    const followed = followedSource(follower, origin.body, undefined, { stallTime: 10_000 });
+    const { bytes } = await readBody(new Response(followed.stream));
     assertBytes(bytes, IMAGE);
     assert.equal(origin.stats.pulled, 0);
     assert.equal(origin.stats.cancelled, true);
-    assert.equal(calls.closed, 1);
+    assert.equal(followed.backing.available, IMAGE.byteLength);
   });
 
   it("hands over at once when the owner is gone", async () => {
     const { follower } = stuckFollower(70_000, "gone");
     const origin = originBody();
     const fallbacks: string[] = [];
-    const { bytes } = await readBody(
-      new Response(followedSource(follower, origin.body, IMAGE.byteLength, {
-        stallTime: 10_000,
-        onFallback: (_, why) => fallbacks.push(why),
-      })),
-    );
+    const followed = followedSource(follower, origin.body, IMAGE.byteLength, {
+      stallTime: 10_000,
+      onFallback: (_, why) => fallbacks.push(why),
+    });
+    const { bytes } = await readBody(new Response(followed.stream));
     assertBytes(bytes, IMAGE);
     assert.deepEqual(fallbacks, ["owner-gone"]);
   });
 
-  it("closes the file and cancels the origin when its client cancels", async () => {
-    const { follower, calls } = stuckFollower(IMAGE.byteLength, "filling");
+  it("keeps the file open for readers that trail until its backing closes, once", async () => {
+    const { follower, calls } = stuckFollower(IMAGE.byteLength, "committed");
     const origin = originBody();
-    const reader = followedSource(follower, origin.body, IMAGE.byteLength, { stallTime: 10_000 })
-      .getReader();
+    const followed = followedSource(follower, origin.body, undefined, { stallTime: 10_000 });
+    await readBody(new Response(followed.stream));
+    assert.equal(calls.closed, 0);
+    assertBytes(await followed.backing.read(1000, 500), IMAGE.slice(1000, 1500));
+    await followed.backing.close();
+    await followed.backing.close();
+    assert.equal(calls.closed, 1);
+  });
+
+  it("cancels the origin when its client cancels", async () => {
+    const { follower } = stuckFollower(IMAGE.byteLength, "filling");
+    const origin = originBody();
+    const followed = followedSource(follower, origin.body, IMAGE.byteLength, {
+      stallTime: 10_000,
+    });
+    const reader = followed.stream.getReader();
     await reader.read();
     await reader.cancel();
-    assert.equal(calls.closed, 1);
     assert.equal(origin.stats.cancelled, true);
   });
 });
