@@ -362,7 +362,13 @@ export class FileSystemStore implements ImageStore {
       await removeIfPresent(ownerPath).catch(() => {});
       throw error;
     }
-    return new FileWriter(id, handle, reader, this.#lockOf(id, name, owner, options?.since));
+    return new FileWriter(
+      id,
+      dataPath,
+      handle,
+      reader,
+      this.#lockOf(id, name, owner, options?.since),
+    );
   }
 
   async #ownerLive(name: string): Promise<boolean> {

@@ -106,6 +106,13 @@ export interface ImageWriter {
   /** Releases what {@linkcode read} needs. Idempotent. */
   close(): Promise<void>;
   /**
+   * A file that holds the bytes written so far from position 0, readable by
+   * another thread of this process. With it, the cache hashes a large fill
+   * off the main thread by reading the file back, instead of copying each
+   * byte to a worker. Absent: the bytes are handed over in memory.
+   */
+  readonly path?: string;
+  /**
    * Whether this writer still holds its lock. A store shared by processes
    * answers `false` once another process deleted the fill; the cache then
    * lets no new client join it. Absent: always owned.

@@ -149,6 +149,13 @@ export class Fill {
   #init: FillInit;
   #writer: ImageWriter | undefined;
   #hash: FillHash;
+  /**
+   * Whether the hash reads the stored bytes back from the writer's file (off
+   * the main thread), rather than being handed them: while the fill stores.
+   */
+  #hashFromFile: boolean;
+  /** Bytes handed to the hash so far (from the file or from memory). */
+  #hashed = 0;
   #written = 0;
   /** Bytes the writer holds (a stored fill). */
   #durable = 0;
@@ -180,7 +187,16 @@ export class Fill {
     this.responseHeaders = init.responseHeaders;
     this.expectedLength = init.expectedLength;
     this.followed = init.followed ?? false;
-    this.#hash = fillHash(init.expected?.algorithm ?? "md5", init.expectedLength);
+    const path = init.writer?.path;
+    this.#hashFromFile = path !== undefined;
+    this.#hash = fillHash(
+      init.expected?.algorithm ?? "md5",
+      init.expectedLength,
+      path === undefined ? undefined : {
+        path,
+        read: (position, length) => init.writer!.read(position, length),
+      },
+    );
     this.#source = init.source.getReader();
     this.#newTick();
     this.released = new Promise((resolve) => this.#release = resolve);
@@ -281,9 +297,9 @@ export class Fill {
           break;
         }
         if (value.byteLength === 0) continue;
-        this.#hash.update(value);
         this.#window.push({ offset: this.#written, bytes: value });
         this.#written += value.byteLength;
+        this.#feedHash();
         if (init.expectedLength !== undefined && this.#written > init.expectedLength) {
           throw new FillError(
             "length",
@@ -314,6 +330,24 @@ export class Fill {
       clearInterval(watchdog);
     }
     if (this.#readers.size === 0) await this.#closeBacking();
+  }
+
+  /**
+   * Hands the hash the bytes received since it was last fed, unless it reads
+   * them from the writer's file (then the write loop tells it how far).
+   * Once the fill stops storing, the bytes not in the file are still in the
+   * window (it keeps every byte the store does not hold), and go from there.
+   */
+  #feedHash() {
+    if (this.#hashFromFile && this.#detached === undefined) return;
+    this.#hashFromFile = false;
+    for (const chunk of this.#window) {
+      const end = chunk.offset + chunk.bytes.byteLength;
+      if (end <= this.#hashed) continue;
+      const skip = this.#hashed - chunk.offset;
+      this.#hash.update(skip > 0 ? chunk.bytes.subarray(skip) : chunk.bytes);
+      this.#hashed = end;
+    }
   }
 
   /** Starts the write loop unless it runs. */
@@ -348,6 +382,10 @@ export class Fill {
           return;
         }
         this.#durable = end;
+        if (this.#hashFromFile && this.#detached === undefined) {
+          this.#hash.fromFile(end);
+          this.#hashed = end;
+        }
       }
     } finally {
       this.#flushing = false;
@@ -399,6 +437,7 @@ export class Fill {
         `Origin body ended after ${size} of ${init.expectedLength} bytes`,
       );
     }
+    this.#feedHash();
     let hex;
     try {
       hex = await this.#hash.digest();

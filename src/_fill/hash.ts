@@ -1,43 +1,62 @@
 /**
  * The digest of a fill, computed beside it. Hashing is the largest single
- * cost of a miss (MD5 is about half of the main thread's work on a 1 GiB
- * fill), so a large fill hashes in a worker thread: the fill hands it copies
- * of its bytes, gathered into 1 MiB messages, and goes on reading, writing
- * and serving while the worker hashes. One worker serves every large fill
- * of the process; it starts with the first and stops with the last, so it
- * never keeps a process alive. Small fills hash on the main thread.
+ * cost of a miss (MD5 alone is about 2 s of CPU per GiB), so a large fill
+ * hashes in a worker thread, on every runtime, and the main thread does
+ * only I/O:
  *
- * On Deno only: there a 1 GiB MD5 miss measured +25-30 % with the worker
- * (`deno task bench --only miss`). On Node and Bun it measured no gain, for
- * about 20 MiB more memory (the worker's own heap), so they hash on the main
- * thread. A worker that cannot start costs nothing but speed: until it first
- * answers, the bytes are also hashed here, and the fill goes on with that.
+ * - **From the file** (a store that writes to a file: {@linkcode
+ *   HashSource.path}): the fill tells the worker how far the file holds
+ *   its bytes; the worker reads that region back by position (from the
+ *   page cache) and hashes it. The main thread copies nothing.
+ * - **From memory** (any other store, or a fill that stopped storing): the
+ *   fill hands the worker copies of its bytes, gathered into 1 MiB
+ *   messages; buffers come back to be filled again. Bounded: when the
+ *   worker trails by more than {@linkcode HASH_AHEAD} bytes,
+ *   {@linkcode FillHash.ready} tells the fill to wait.
  *
- * Bounded: when the worker trails by more than {@linkcode HASH_AHEAD}
- * bytes, {@linkcode FillHash.ready} tells the fill to wait.
+ * One worker serves every large fill of the process; it starts with the
+ * first and stops with the last, so it never keeps an idle process alive. Small
+ * fills hash on the main thread. A worker that cannot start, or fails,
+ * costs only speed: the main thread then hashes, reading back from the
+ * file what it did not see (the file outlives its own removal while the
+ * fill holds it open).
  *
  * @module
  */
 import { createHash, type Hash } from "node:crypto";
-import { DENO } from "../_runtime.ts";
 import type { DigestAlgorithm } from "../image_store.ts";
 
 /** Fills of at least this many bytes (by `Content-Length`) hash in the worker. */
 export const WORKER_MIN = 64 * 2 ** 20;
 /** Bytes gathered into one message to the worker. */
 const BATCH = 2 ** 20;
-/** Bytes the worker may trail by before the fill waits for it. */
+/** Bytes of copies the worker may trail by before the fill waits for it. */
 const HASH_AHEAD = 8 * 2 ** 20;
 /** Buffers back from the worker kept for reuse (each about BATCH). */
 const SPARE_BUFFERS = 12;
+/** Largest read back from the file when the main thread must hash it itself. */
+const READ_BACK = 2 ** 20;
 
-/** The running digest of a fill's bytes. */
+/** Where the bytes a fill stored can be read back: for hashing them off the main thread. */
+export interface HashSource {
+  /** A file holding the fill's bytes from position 0; read by the worker. */
+  path: string;
+  /** Reads the same bytes on this thread (when no worker can). */
+  read(position: number, length: number): Promise<Uint8Array>;
+}
+
+/**
+ * The running digest of a fill's bytes, fed in order: from the file
+ * ({@linkcode fromFile}) or from memory ({@linkcode update}), in any mix.
+ */
 export interface FillHash {
-  /** Adds bytes (not kept: the bytes are copied or hashed at once). */
+  /** Bytes from what was fed so far up to `end` are in the file: hash them from there. */
+  fromFile(end: number): void;
+  /** The next bytes (not kept: copied or hashed at once). */
   update(bytes: Uint8Array): void;
   /** A promise to await before the next update when the hashing trails too far; else undefined. */
   ready(): Promise<void> | undefined;
-  /** The hex digest of everything added. Rejects if the worker failed. */
+  /** The hex digest of everything fed. Rejects when it cannot be had. */
   digest(): Promise<string>;
   /** Gives the hash up (the fill failed): frees the worker's state. */
   dispose(): void;
@@ -46,17 +65,18 @@ export interface FillHash {
 /**
  * A hash for a fill of `algorithm`: in the worker when the fill is known to
  * be large (`expectedLength` ≥ {@linkcode WORKER_MIN}) and a worker can be
- * had, else on this thread.
+ * had, else on this thread. `source`: where its bytes can be read back.
  */
 export function fillHash(
   algorithm: DigestAlgorithm,
   expectedLength: number | undefined,
+  source?: HashSource,
 ): FillHash {
   if (expectedLength !== undefined && expectedLength >= WORKER_MIN) {
-    const pool = HashWorker.acquire();
-    if (pool !== undefined) return new WorkerHash(pool, algorithm);
+    const worker = HashWorker.acquire();
+    if (worker !== undefined) return new WorkerHash(worker, algorithm, source);
   }
-  return inlineHash(algorithm);
+  return new InlineHash(algorithm, source);
 }
 
 /** For tests: the next worker started fails as it loads, as one that cannot start would. */
@@ -65,56 +85,185 @@ export function breakNextHashWorker(): void {
 }
 let breakNext = false;
 
+/** Resolves whether this runtime can start the hashing worker (it is looked up at load). */
+export async function hashWorkerAvailable(): Promise<boolean> {
+  await loading;
+  return WorkerClass !== null;
+}
+
 /** Whether the hashing worker runs (for tests: it must stop with the last large fill). */
 export function hashWorkerRunning(): boolean {
   return HashWorker.running();
 }
 
-function inlineHash(algorithm: DigestAlgorithm): FillHash {
-  const hash = createHash(algorithm);
-  return {
-    update: (bytes) => hash.update(bytes),
-    ready: () => undefined,
-    digest: () => Promise.resolve(hash.digest("hex")),
-    dispose: () => {},
-  };
+/**
+ * A hash on this thread. Bytes only in the file are read back as soon as
+ * they are announced; bytes handed over meanwhile wait their turn (bounded:
+ * {@linkcode ready} holds the fill while they exceed {@linkcode HASH_AHEAD}).
+ */
+class InlineHash implements FillHash {
+  #hash: Hash;
+  #source: HashSource | undefined;
+  /** Bytes hashed. */
+  #at = 0;
+  /** Bytes in the file not hashed yet: `[#at, #fileEnd)`. */
+  #fileEnd = 0;
+  #pending: Uint8Array[] = [];
+  #pendingBytes = 0;
+  /** The read-back under way; it records its failure instead of rejecting. */
+  #catchingUp: Promise<void> | undefined;
+  #error: unknown;
+
+  constructor(algorithm: string, source: HashSource | undefined) {
+    this.#hash = createHash(algorithm);
+    this.#source = source;
+  }
+
+  fromFile(end: number) {
+    if (end <= this.#fileEnd) return;
+    this.#fileEnd = end;
+    this.#catchingUp ??= this.#catchUp().finally(() => this.#catchingUp = undefined);
+  }
+
+  update(bytes: Uint8Array) {
+    if (this.#catchingUp === undefined && this.#pending.length === 0) {
+      this.#hash.update(bytes);
+      this.#at += bytes.byteLength;
+      return;
+    }
+    // Bytes after a region only in the file wait until it is read back.
+    this.#pending.push(bytes.slice());
+    this.#pendingBytes += bytes.byteLength;
+  }
+
+  ready(): Promise<void> | undefined {
+    if (this.#pendingBytes <= HASH_AHEAD) return undefined;
+    return this.#catchingUp;
+  }
+
+  async #catchUp(): Promise<void> {
+    try {
+      const source = this.#source;
+      while (this.#at < this.#fileEnd) {
+        if (source === undefined) throw new Error("Bytes to hash are in a file no one can read");
+        const length = Math.min(READ_BACK, this.#fileEnd - this.#at);
+        const bytes = await source.read(this.#at, length);
+        if (bytes.byteLength === 0) throw new Error(`Cannot read back byte ${this.#at} to hash it`);
+        this.#hash.update(bytes);
+        this.#at += bytes.byteLength;
+      }
+      for (const bytes of this.#pending) {
+        this.#hash.update(bytes);
+        this.#at += bytes.byteLength;
+      }
+      this.#pending = [];
+      this.#pendingBytes = 0;
+    } catch (error) {
+      this.#error ??= error;
+    }
+  }
+
+  async digest(): Promise<string> {
+    while (this.#catchingUp !== undefined) await this.#catchingUp;
+    if (this.#error !== undefined) throw this.#error;
+    return this.#hash.digest("hex");
+  }
+
+  dispose() {
+    this.#pending = [];
+  }
 }
 
 /** Messages to the worker, and from it. */
 type ToWorker =
-  | { id: number; op: "start"; algorithm: string }
+  | { id: number; op: "start"; algorithm: string; path?: string }
+  | { id: number; op: "file"; end: number }
   | { id: number; op: "update"; bytes: ArrayBuffer; n: number }
   | { id: number; op: "end" }
   | { id: number; op: "drop" };
 type FromWorker =
   | { id: number; op: "ack"; n: number; bytes: ArrayBuffer }
-  | { id: number; op: "digest"; hex: string };
+  | { id: number; op: "digest"; hex: string }
+  | { id: number; op: "error"; message: string };
 
-/** The worker's code. */
-const HANDLER = `
-const hashes = new Map();
-function handle(message, reply) {
-  const { id, op } = message;
-  if (op === "start") hashes.set(id, createHash(message.algorithm));
-  else if (op === "update") {
-    hashes.get(id)?.update(new Uint8Array(message.bytes, 0, message.n));
-    // The buffer goes back, to be filled again: no garbage piles up in either heap.
-    reply({ id, op: "ack", n: message.n, bytes: message.bytes }, [message.bytes]);
-  } else if (op === "end") {
-    const hash = hashes.get(id);
-    hashes.delete(id);
-    reply({ id, op: "digest", hex: hash.digest("hex") });
-  } else if (op === "drop") hashes.delete(id);
-}`;
-/** Deno: a module worker from a blob URL. */
-const WEB_WORKER = `import { createHash } from "node:crypto";${HANDLER}
-self.onmessage = (event) => handle(event.data, (answer, transfer) => self.postMessage(answer, transfer ?? []));`;
-let webWorkerUrl: string | undefined;
-
-interface AnyWorker {
-  post(message: ToWorker, transfer?: ArrayBuffer[]): void;
-  stop(): void;
+/**
+ * The worker's code: CommonJS for `node:worker_threads` with `eval`, which
+ * Deno, Bun and Node all run. File reads are synchronous: the worker has
+ * nothing else to do meanwhile.
+ */
+const WORKER_CODE = `
+const { parentPort } = require("node:worker_threads");
+const { createHash } = require("node:crypto");
+const { openSync, readSync, closeSync } = require("node:fs");
+const jobs = new Map();
+const buffer = new Uint8Array(${READ_BACK});
+function close(job) {
+  if (job.fd !== undefined) closeSync(job.fd);
+  job.fd = undefined;
 }
+function handle(message) {
+  const { id, op } = message;
+  const job = jobs.get(id);
+  if (op === "start") {
+    const job = { hash: createHash(message.algorithm), fd: undefined, at: 0, failed: false };
+    jobs.set(id, job);
+    // Opened at once: the name may be reused by a later fill once this one is over.
+    try {
+      if (message.path !== undefined) job.fd = openSync(message.path, "r");
+    } catch (error) {
+      job.failed = true;
+      parentPort.postMessage({ id, op: "error", message: String(error && error.message || error) });
+    }
+  } else if (job === undefined || job.failed) {
+    if (op === "update") parentPort.postMessage({ id, op: "ack", n: message.n, bytes: message.bytes }, [message.bytes]);
+    if (op === "end" || op === "drop") jobs.delete(id);
+  } else if (op === "file") {
+    try {
+      while (job.at < message.end) {
+        const n = readSync(job.fd, buffer, 0, Math.min(buffer.length, message.end - job.at), job.at);
+        if (n === 0) throw new Error("the file ended at byte " + job.at);
+        job.hash.update(buffer.subarray(0, n));
+        job.at += n;
+      }
+    } catch (error) {
+      job.failed = true;
+      close(job);
+      parentPort.postMessage({ id, op: "error", message: String(error && error.message || error) });
+    }
+  } else if (op === "update") {
+    job.hash.update(new Uint8Array(message.bytes, 0, message.n));
+    job.at += message.n;
+    // The buffer goes back, to be filled again: no garbage piles up in either heap.
+    parentPort.postMessage({ id, op: "ack", n: message.n, bytes: message.bytes }, [message.bytes]);
+  } else if (op === "end") {
+    jobs.delete(id);
+    close(job);
+    parentPort.postMessage({ id, op: "digest", hex: job.hash.digest("hex") });
+  } else if (op === "drop") {
+    jobs.delete(id);
+    close(job);
+  }
+}
+parentPort.on("message", handle);`;
+
+/** What the cache uses of a `node:worker_threads` worker. */
+interface ThreadWorker {
+  postMessage(message: ToWorker, transfer?: ArrayBuffer[]): void;
+  on(event: "message", listener: (message: FromWorker) => void): void;
+  on(event: "error" | "exit", listener: (value: unknown) => void): void;
+  terminate(): Promise<number>;
+}
+
+type WorkerConstructor = new (code: string, options: { eval: true }) => ThreadWorker;
+
+/** `node:worker_threads`' Worker, once loaded; `null` when the runtime has none. */
+let WorkerClass: WorkerConstructor | null | undefined;
+/** Loads `node:worker_threads` in the background, so the first large fill finds it ready. */
+const loading = import("node:worker_threads").then(
+  (module) => WorkerClass = module.Worker as unknown as WorkerConstructor,
+  () => WorkerClass = null,
+);
+void loading;
 
 /** Listeners of one hash in the worker. */
 interface Listener {
@@ -126,13 +275,13 @@ interface Listener {
 /** The process's hashing worker, shared by its large fills. */
 class HashWorker {
   static #current: HashWorker | undefined;
-  #worker: AnyWorker;
+  #worker: ThreadWorker;
   #listeners = new Map<number, Listener>();
   #nextId = 0;
   #users = 0;
   #failed: Error | undefined;
 
-  private constructor(worker: AnyWorker) {
+  private constructor(worker: ThreadWorker) {
     this.#worker = worker;
   }
 
@@ -141,7 +290,7 @@ class HashWorker {
     return HashWorker.#current !== undefined;
   }
 
-  /** The worker, started if need be; `undefined` when this runtime cannot start one. */
+  /** The worker, started if need be; `undefined` when this runtime cannot start one (yet). */
   static acquire(): HashWorker | undefined {
     let current = HashWorker.#current;
     if (current === undefined || current.#failed !== undefined) {
@@ -154,57 +303,38 @@ class HashWorker {
   }
 
   static #start(): HashWorker | undefined {
-    let pool: HashWorker | undefined;
-    const prefix = breakNext ? `throw new Error("broken on purpose");\n` : "";
+    if (!WorkerClass) return undefined;
+    const code = breakNext ? `throw new Error("broken on purpose");\n${WORKER_CODE}` : WORKER_CODE;
     breakNext = false;
-    const onMessage = (message: FromWorker) => {
-      if (pool !== undefined) pool.#receive(message);
-    };
-    const onError = (error: unknown) => {
-      if (pool !== undefined) {
-        pool.#fail(new Error(`Hash worker failed: ${error}`, { cause: error }));
-      }
-    };
+    let pool: HashWorker | undefined;
     try {
-      if (DENO !== undefined) {
-        // One blob URL for the process, never revoked: a worker loads it asynchronously.
-        webWorkerUrl ??= URL.createObjectURL(new Blob([WEB_WORKER], { type: "text/javascript" }));
-        const url = prefix === ""
-          ? webWorkerUrl
-          : URL.createObjectURL(new Blob([prefix + WEB_WORKER], { type: "text/javascript" }));
-        const worker = new Worker(url, { type: "module" });
-        worker.onmessage = (event) => onMessage(event.data);
-        worker.onerror = (event) => {
-          event.preventDefault();
-          onError(event.message);
-        };
-        worker.onmessageerror = () => onError("message error");
-        pool = new HashWorker({
-          post: (message, transfer) => worker.postMessage(message, transfer ?? []),
-          stop: () => worker.terminate(),
-        });
-        return pool;
-      }
-      return undefined; // Node and Bun hash on the main thread (see the module doc).
+      const worker = new WorkerClass(code, { eval: true });
+      pool = new HashWorker(worker);
+      const started = pool;
+      worker.on("message", (message) => started.#receive(message));
+      worker.on("error", (error) => started.#fail(new Error(`Hash worker failed: ${error}`)));
+      worker.on("exit", () => started.#fail(new Error("Hash worker exited")));
+      // Not unref'd: a fill awaits its answers. It stops with its last fill.
+      return pool;
     } catch {
       return undefined; // No worker here: hash on this thread.
     }
   }
 
   /** A new hash in the worker; its messages go to `listener`. */
-  open(algorithm: string, listener: Listener): number {
+  open(algorithm: string, path: string | undefined, listener: Listener): number {
     const id = this.#nextId++;
     if (this.#failed !== undefined) {
       queueMicrotask(() => listener.fail(this.#failed!));
       return id;
     }
     this.#listeners.set(id, listener);
-    this.#worker.post({ id, op: "start", algorithm });
+    this.#worker.postMessage({ id, op: "start", algorithm, path });
     return id;
   }
 
   post(message: ToWorker, transfer?: ArrayBuffer[]) {
-    if (this.#failed === undefined) this.#worker.post(message, transfer);
+    if (this.#failed === undefined) this.#worker.postMessage(message, transfer);
   }
 
   /** A hash is done with the worker; the last one stops it. */
@@ -212,14 +342,16 @@ class HashWorker {
     this.#listeners.delete(id);
     if (--this.#users > 0) return;
     if (HashWorker.#current === this) HashWorker.#current = undefined;
-    this.#worker.stop();
+    this.#failed ??= new Error("Hash worker stopped");
+    this.#worker.terminate().catch(() => {});
   }
 
   #receive(message: FromWorker) {
     const listener = this.#listeners.get(message.id);
     if (listener === undefined) return;
     if (message.op === "ack") listener.ack(message.n, message.bytes);
-    else listener.digest(message.hex);
+    else if (message.op === "digest") listener.digest(message.hex);
+    else listener.fail(new Error(`Hash worker: ${message.message}`));
   }
 
   #fail(error: Error) {
@@ -228,17 +360,28 @@ class HashWorker {
     if (HashWorker.#current === this) HashWorker.#current = undefined;
     for (const listener of this.#listeners.values()) listener.fail(error);
     this.#listeners.clear();
-    this.#worker.stop();
+    this.#worker.terminate().catch(() => {});
   }
 }
 
-/** A fill's hash computed by the {@linkcode HashWorker}. */
+/**
+ * A fill's hash computed by the {@linkcode HashWorker}. Should the worker
+ * fail, what it was fed from the file is read back and hashed on this
+ * thread, and copies it was handed are kept until it acknowledges them, so
+ * the digest is the same either way.
+ */
 class WorkerHash implements FillHash {
-  #pool: HashWorker;
+  #worker: HashWorker;
   #id: number;
+  #algorithm: string;
+  #source: HashSource | undefined;
   #batch: Uint8Array[] = [];
   #batchBytes = 0;
-  /** Bytes sent to the worker and not yet hashed. */
+  /** Bytes fed so far (from the file and from memory). */
+  #fed = 0;
+  /** Bytes fed from the file: always a prefix (a fill stores, then maybe stops). */
+  #fileFed = 0;
+  /** Bytes of copies sent to the worker and not yet acknowledged. */
   #backlog = 0;
   /** Buffers the worker sent back, to be filled again. */
   #spare: ArrayBuffer[] = [];
@@ -246,30 +389,29 @@ class WorkerHash implements FillHash {
   #result: Promise<string>;
   #resolve!: (hex: string) => void;
   #reject!: (error: Error) => void;
-  #error: Error | undefined;
   #released = false;
-  /**
-   * The same bytes hashed on this thread until the worker answers for the
-   * first time: a worker that cannot start (a runtime without `node:crypto`
-   * in workers, say) costs nothing but speed; the fill goes on with this.
-   */
-  #shadow: Hash | undefined;
-  /** Set when the worker failed before it ever answered: hash here from now on. */
-  #inline: Hash | undefined;
+  /** The fallback, once the worker failed: everything goes through it. */
+  #inline: InlineHash | undefined;
+  /** Whether the worker acknowledged a copy (then a failure cannot be recovered from copies). */
+  #answered = false;
+  /** Copies sent and not acknowledged, kept in case the worker fails before it answers. */
+  #unacknowledged: Uint8Array[] = [];
   /** Whether `digest()` was asked for. */
   #ending = false;
 
-  constructor(pool: HashWorker, algorithm: string) {
-    this.#pool = pool;
-    this.#shadow = createHash(algorithm);
+  constructor(worker: HashWorker, algorithm: string, source: HashSource | undefined) {
+    this.#worker = worker;
+    this.#algorithm = algorithm;
+    this.#source = source;
     this.#result = new Promise((resolve, reject) => {
       this.#resolve = resolve;
       this.#reject = reject;
     });
     this.#result.catch(() => {}); // Observed by digest(); never an unhandled rejection.
-    this.#id = pool.open(algorithm, {
+    this.#id = worker.open(algorithm, source?.path, {
       ack: (n, bytes) => {
-        this.#shadow = undefined;
+        this.#answered = true;
+        this.#unacknowledged.shift();
         this.#backlog -= n;
         if (this.#spare.length < SPARE_BUFFERS) this.#spare.push(bytes);
         this.#wakeUp();
@@ -278,59 +420,81 @@ class WorkerHash implements FillHash {
         this.#release();
         this.#resolve(hex);
       },
-      fail: (error) => {
-        this.#release();
-        if (this.#shadow !== undefined) {
-          // Never answered: every byte so far is in the shadow; go on with it.
-          this.#inline = this.#shadow;
-          this.#shadow = undefined;
-          this.#batch = [];
-          this.#batchBytes = 0;
-          this.#backlog = 0;
-          if (this.#ending) this.#resolve(this.#inline.digest("hex"));
-        } else {
-          this.#error = error;
-          this.#reject(error);
-        }
-        this.#wakeUp();
-      },
+      fail: (error) => this.#fallBack(error),
     });
   }
 
+  fromFile(end: number) {
+    if (end <= this.#fed) return;
+    if (this.#inline !== undefined) {
+      this.#inline.fromFile(end);
+    } else if (!this.#released) {
+      this.#send();
+      this.#worker.post({ id: this.#id, op: "file", end });
+    }
+    this.#fed = this.#fileFed = end;
+  }
+
   update(bytes: Uint8Array) {
+    this.#fed += bytes.byteLength;
     if (this.#inline !== undefined) {
       this.#inline.update(bytes);
       return;
     }
-    if (this.#error !== undefined || this.#released) return;
-    this.#shadow?.update(bytes);
+    if (this.#released) return;
     this.#batch.push(bytes);
     this.#batchBytes += bytes.byteLength;
     if (this.#batchBytes >= BATCH) this.#send();
   }
 
   ready(): Promise<void> | undefined {
-    if (this.#backlog <= HASH_AHEAD || this.#error !== undefined || this.#inline !== undefined) {
-      return undefined;
-    }
+    if (this.#inline !== undefined) return this.#inline.ready();
+    if (this.#backlog <= HASH_AHEAD || this.#released) return undefined;
     return new Promise<void>((resolve) => this.#wake = resolve).then(() => this.ready());
   }
 
   digest(): Promise<string> {
-    if (this.#inline !== undefined) return Promise.resolve(this.#inline.digest("hex"));
+    if (this.#inline !== undefined) return this.#inline.digest();
     this.#ending = true;
-    if (this.#error === undefined && !this.#released) {
+    if (!this.#released) {
       this.#send();
-      this.#pool.post({ id: this.#id, op: "end" });
+      this.#worker.post({ id: this.#id, op: "end" });
     }
     return this.#result;
   }
 
   dispose() {
     if (this.#released) return;
-    this.#pool.post({ id: this.#id, op: "drop" });
+    this.#worker.post({ id: this.#id, op: "drop" });
     this.#release();
     this.#reject(new Error("Hash disposed"));
+  }
+
+  /**
+   * The worker failed: hash on this thread from now on. Bytes fed from the
+   * file are read back; copies the worker never acknowledged are kept.
+   * Bytes it acknowledged from memory cannot be had again: then the
+   * digest fails (the fill's clients are cut, nothing is committed).
+   */
+  #fallBack(error: Error) {
+    const wasReleased = this.#released;
+    this.#release();
+    if (wasReleased && !this.#ending) return;
+    if (this.#answered) {
+      this.#reject(error); // Copies it acknowledged are gone with it.
+    } else {
+      // What it was fed from the file can be read back; every copy is still here.
+      const inline = new InlineHash(this.#algorithm, this.#source);
+      if (this.#fileFed > 0) inline.fromFile(this.#fileFed);
+      for (const bytes of [...this.#unacknowledged, ...this.#batch]) inline.update(bytes);
+      this.#inline = inline;
+      this.#batch = [];
+      this.#batchBytes = 0;
+      this.#backlog = 0;
+      this.#unacknowledged = [];
+      if (this.#ending) inline.digest().then(this.#resolve, this.#reject);
+    }
+    this.#wakeUp();
   }
 
   /**
@@ -338,7 +502,7 @@ class WorkerHash implements FillHash {
    * chunks), into a buffer the worker sent back when one is large enough.
    */
   #send() {
-    if (this.#batchBytes === 0) return;
+    if (this.#batchBytes === 0 || this.#released) return;
     const size = this.#batchBytes;
     const spare = this.#spare.findIndex((buffer) => buffer.byteLength >= size);
     const buffer = spare === -1
@@ -353,7 +517,8 @@ class WorkerHash implements FillHash {
     this.#batch = [];
     this.#backlog += this.#batchBytes;
     this.#batchBytes = 0;
-    this.#pool.post({ id: this.#id, op: "update", bytes: buffer, n: size }, [buffer]);
+    if (!this.#answered) this.#unacknowledged.push(bytes.slice());
+    this.#worker.post({ id: this.#id, op: "update", bytes: buffer, n: size }, [buffer]);
   }
 
   #wakeUp() {
@@ -365,6 +530,6 @@ class WorkerHash implements FillHash {
   #release() {
     if (this.#released) return;
     this.#released = true;
-    this.#pool.release(this.#id);
+    this.#worker.release(this.#id);
   }
 }

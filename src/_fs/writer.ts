@@ -51,6 +51,8 @@ const FLUSH_EVERY = 32 * 2 ** 20;
 
 /** The writer of one fill: appends, reads back by position, commits or aborts once. */
 export class FileWriter implements ImageWriter {
+  /** The partial file (`incomplete/<id>`): the cache's hash worker reads it back. */
+  readonly path: string;
   #id: string;
   #lock: WriterLock;
   #handle: PositionalFile;
@@ -65,8 +67,15 @@ export class FileWriter implements ImageWriter {
   #flushing: Promise<void> | undefined;
   #flushError: unknown;
 
-  constructor(id: string, handle: PositionalFile, reader: PositionalFile, lock: WriterLock) {
+  constructor(
+    id: string,
+    path: string,
+    handle: PositionalFile,
+    reader: PositionalFile,
+    lock: WriterLock,
+  ) {
     this.#id = id;
+    this.path = path;
     this.#lock = lock;
     this.#handle = handle;
     this.#reader = reader;

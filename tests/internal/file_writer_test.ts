@@ -55,7 +55,7 @@ describe("FileSystemStore's writer", () => {
   it("drops its lock when the commit's fsync fails, and rejects", async () => {
     const file = fakeFile({ sync: true });
     const { lock, calls } = fakeLock();
-    const writer = new FileWriter("img", file, fakeFile(), lock);
+    const writer = new FileWriter("img", "/nonexistent", file, fakeFile(), lock);
     await writer.write(new Uint8Array(3));
     await assert.rejects(writer.commit(INFO), /fsync failed/);
     assert.deepEqual(calls, ["abort:discard"]);
@@ -65,7 +65,7 @@ describe("FileSystemStore's writer", () => {
 
   it("drops its lock when moving the data into place fails", async () => {
     const { lock, calls } = fakeLock({ commit: true });
-    const writer = new FileWriter("img", fakeFile(), fakeFile(), lock);
+    const writer = new FileWriter("img", "/nonexistent", fakeFile(), fakeFile(), lock);
     await writer.write(new Uint8Array(3));
     await assert.rejects(writer.commit(INFO), /rename failed/);
     assert.deepEqual(calls, ["commit", "abort:discard"]);
@@ -74,7 +74,7 @@ describe("FileSystemStore's writer", () => {
 
   it("drops its lock when asked to commit a size it did not write", async () => {
     const { lock, calls } = fakeLock();
-    const writer = new FileWriter("img", fakeFile(), fakeFile(), lock);
+    const writer = new FileWriter("img", "/nonexistent", fakeFile(), fakeFile(), lock);
     await writer.write(new Uint8Array(2));
     await assert.rejects(writer.commit(INFO), /wrote 2 bytes, not 3/);
     assert.deepEqual(calls, ["abort:discard"]);
@@ -83,7 +83,7 @@ describe("FileSystemStore's writer", () => {
 
   it("commits once, then refuses a second settlement", async () => {
     const { lock, calls } = fakeLock();
-    const writer = new FileWriter("img", fakeFile(), fakeFile(), lock);
+    const writer = new FileWriter("img", "/nonexistent", fakeFile(), fakeFile(), lock);
     await writer.write(new Uint8Array(3));
     assert.equal((await writer.commit(INFO)).size, 3);
     await assert.rejects(writer.commit(INFO), /already committed or aborted/);

@@ -8,10 +8,13 @@ import assert from "node:assert/strict";
 import {
   breakNextHashWorker,
   fillHash,
+  hashWorkerAvailable,
   hashWorkerRunning,
   WORKER_MIN,
 } from "../../src/_fill/hash.ts";
-import { hexDigest, pattern } from "../_helpers.ts";
+import { open, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { hexDigest, pattern, withTempDir } from "../_helpers.ts";
 
 const DATA = pattern(3 * 2 ** 20 + 12_345, 17);
 
@@ -21,6 +24,7 @@ function feed(hash: ReturnType<typeof fillHash>, data: Uint8Array, chunk = 60_00
 
 describe("fillHash()", () => {
   it("gives the same digests in the worker as on the main thread, for each algorithm", async () => {
+    assert.equal(await hashWorkerAvailable(), true);
     for (const algorithm of ["md5", "sha256", "sha512"] as const) {
       const inline = fillHash(algorithm, 1000);
       const worker = fillHash(algorithm, WORKER_MIN);
@@ -75,5 +79,77 @@ describe("fillHash()", () => {
     const next = fillHash("md5", WORKER_MIN);
     feed(next, DATA);
     assert.equal(await next.digest(), hexDigest(DATA));
+  });
+
+  /** DATA in a file, as a store writes it, and a source that reads it on this thread. */
+  async function withFile(
+    fn: (
+      source: { path: string; read: (p: number, n: number) => Promise<Uint8Array> },
+    ) => Promise<void>,
+  ) {
+    await withTempDir(async (dir) => {
+      const path = join(dir, "partial");
+      await writeFile(path, DATA);
+      const handle = await open(path, "r");
+      const read = async (position: number, length: number) => {
+        const buffer = new Uint8Array(length);
+        const { bytesRead } = await handle.read(buffer, 0, length, position);
+        return buffer.subarray(0, bytesRead);
+      };
+      try {
+        await fn({ path, read });
+      } finally {
+        await handle.close();
+      }
+    });
+  }
+
+  it("hashes a stored fill by reading its file back in the worker, with the same digest", async () => {
+    assert.equal(await hashWorkerAvailable(), true);
+    await withFile(async (source) => {
+      let mainReads = 0;
+      const hash = fillHash("sha256", WORKER_MIN, {
+        path: source.path,
+        read: (position, length) => {
+          mainReads++;
+          return source.read(position, length);
+        },
+      });
+      for (let end = 500_000; end < DATA.byteLength; end += 500_000) hash.fromFile(end);
+      hash.fromFile(DATA.byteLength);
+      assert.equal(await hash.digest(), hexDigest(DATA, "sha256"));
+      assert.equal(mainReads, 0, "the main thread read nothing");
+      assert.equal(hashWorkerRunning(), false);
+    });
+  });
+
+  it("goes on from memory after the file: a fill that stopped storing", async () => {
+    await withFile(async (source) => {
+      const hash = fillHash("md5", WORKER_MIN, source);
+      hash.fromFile(1_000_000);
+      feed(hash, DATA.subarray(1_000_000));
+      assert.equal(await hash.digest(), hexDigest(DATA));
+    });
+  });
+
+  it("reads the file back on this thread when the worker cannot start, or cannot open it", async () => {
+    await withFile(async (source) => {
+      breakNextHashWorker();
+      const broken = fillHash("md5", WORKER_MIN, source);
+      broken.fromFile(2_000_000);
+      feed(broken, DATA.subarray(2_000_000));
+      assert.equal(await broken.digest(), hexDigest(DATA));
+      const unopened = fillHash("md5", WORKER_MIN, { ...source, path: source.path + ".gone" });
+      unopened.fromFile(DATA.byteLength);
+      assert.equal(await unopened.digest(), hexDigest(DATA));
+    });
+  });
+
+  it("hashes on this thread from the file for a small fill", async () => {
+    await withFile(async (source) => {
+      const hash = fillHash("md5", 1000, source);
+      hash.fromFile(DATA.byteLength);
+      assert.equal(await hash.digest(), hexDigest(DATA));
+    });
   });
 });
