@@ -89,8 +89,17 @@ export type CommitInfo = Pick<ImageEntry, "size" | "digest" | "headers">;
  * ```
  */
 export interface ImageWriter {
-  /** Appends bytes. Rejects on a store fault (ENOSPC, EIO...). */
+  /**
+   * Appends bytes. Rejects on a store fault (ENOSPC, EIO...). The store
+   * must copy what it keeps: the caller may reuse `chunk`.
+   */
   write(chunk: Uint8Array): Promise<void>;
+  /**
+   * Appends several chunks in order, as one write would (optional). With it
+   * the cache hands over the chunks it received as they are; without it, it
+   * gathers them into one buffer for {@linkcode write}.
+   */
+  writev?(chunks: readonly Uint8Array[]): Promise<void>;
   /**
    * Reads up to `length` already written bytes from `position`. Works
    * until {@linkcode close}, even after `commit` or `abort`.

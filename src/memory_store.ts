@@ -128,13 +128,21 @@ export class MemoryStore implements ImageStore {
       settled = true;
       this.#writers.delete(id);
     };
+    const append = (chunk: Uint8Array) => {
+      // Copy: the caller's buffer may be reused or transferred.
+      chunks.starts.push(size);
+      chunks.parts.push(chunk.slice());
+      size += chunk.byteLength;
+    };
     const writer: ImageWriter = {
       write: (chunk) => {
         if (settled) return Promise.reject(new Error(`Writer for "${id}" is closed`));
-        // Copy: the caller's buffer may be reused or transferred.
-        chunks.starts.push(size);
-        chunks.parts.push(chunk.slice());
-        size += chunk.byteLength;
+        append(chunk);
+        return Promise.resolve();
+      },
+      writev: (list) => {
+        if (settled) return Promise.reject(new Error(`Writer for "${id}" is closed`));
+        for (const chunk of list) append(chunk);
         return Promise.resolve();
       },
       read: (position, length) => Promise.resolve(copyRange(chunks, position, position + length)),

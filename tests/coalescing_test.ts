@@ -247,49 +247,67 @@ for (const [kind, make] of STORES) {
 }
 
 /** A MemoryStore whose writes wait for `gate`, then take `delay` ms each, and are recorded by size. */
+/** A store whose writes take `delay` ms, with `writev` (`vectored`) or `write` alone. */
 class SlowDiskStore extends MemoryStore {
+  /** Bytes of each store write. */
   writes: number[] = [];
   gate: Promise<void>;
   open!: () => void;
   readonly delay: number;
+  readonly vectored: boolean;
   // No parameter property: Node's type stripping does not take them.
-  constructor(delay = 0) {
+  constructor(delay = 0, vectored = true) {
     super();
     this.delay = delay;
+    this.vectored = vectored;
     this.gate = new Promise((resolve) => this.open = resolve);
   }
   override async createWriter(id: string) {
     const writer = await super.createWriter(id);
     if (typeof writer === "string") return writer;
     const write = writer.write.bind(writer);
-    writer.write = async (chunk: Uint8Array) => {
-      this.writes.push(chunk.byteLength);
+    const writev = writer.writev!.bind(writer);
+    const slowly = async (bytes: number) => {
+      this.writes.push(bytes);
       await this.gate;
       if (this.delay > 0) await sleep(this.delay);
+    };
+    writer.write = async (chunk: Uint8Array) => {
+      await slowly(chunk.byteLength);
       await write(chunk);
     };
+    if (this.vectored) {
+      writer.writev = async (chunks: readonly Uint8Array[]) => {
+        await slowly(chunks.reduce((sum, chunk) => sum + chunk.byteLength, 0));
+        await writev(chunks);
+      };
+    } else {
+      delete writer.writev;
+    }
     return writer;
   }
 }
 
 describe("a fill and a slow disk", () => {
-  it("gathers the chunks that arrive during a store write into writes of about 1 MiB", async () => {
-    // Each write takes 20 ms: meanwhile 64 KiB chunks keep arriving, and are gathered.
-    const store = new SlowDiskStore(20);
-    store.open();
-    const origin = slowOrigin(0);
-    const app = new Hono();
-    app.use(imageCache({ store, onError: () => {} }));
-    app.get("/v2/images/:id/file", origin.respond);
-    const res = await app.request("/v2/images/a/file");
-    const { bytes, error } = await readBody(res);
-    assert.equal(error, undefined);
-    assertBytes(bytes, IMAGE);
-    assert.ok(await store.get("a"), "committed");
-    assert.equal(store.writes.reduce((sum, size) => sum + size, 0), SIZE);
-    assert.ok(store.writes.length < SIZE / CHUNK / 4, `${store.writes.length} writes`);
-    assert.ok(store.writes.every((size) => size <= 2 ** 20 + CHUNK), String(store.writes));
-  });
+  for (const vectored of [true, false]) {
+    it(`gathers the chunks that arrive during a store write into writes of about 1 MiB (${vectored ? "writev" : "write alone"})`, async () => {
+      // Each write takes 20 ms: meanwhile 64 KiB chunks keep arriving, and are gathered.
+      const store = new SlowDiskStore(20, vectored);
+      store.open();
+      const origin = slowOrigin(0);
+      const app = new Hono();
+      app.use(imageCache({ store, onError: () => {} }));
+      app.get("/v2/images/:id/file", origin.respond);
+      const res = await app.request("/v2/images/a/file");
+      const { bytes, error } = await readBody(res);
+      assert.equal(error, undefined);
+      assertBytes(bytes, IMAGE);
+      assert.ok(await store.get("a"), "committed");
+      assert.equal(store.writes.reduce((sum, size) => sum + size, 0), SIZE);
+      assert.ok(store.writes.length < SIZE / CHUNK / 4, `${store.writes.length} writes`);
+      assert.ok(store.writes.every((size) => size <= 2 ** 20 + CHUNK), String(store.writes));
+    });
+  }
 
   it("stops reading the origin while the store trails by more than 4 MiB", async () => {
     const store = new SlowDiskStore();

@@ -4,13 +4,15 @@
  *
  * Design (DESIGN.md invariants 1, 3, 4, 5, 7):
  *
- * - **One pump** reads the origin at the origin's pace: each chunk is hashed
- *   and appended to an in-memory window. A write loop beside it stores the
- *   window's new bytes, gathering the chunks that arrived during a write into
- *   one write of up to 1 MiB (a 256 MiB image arrives in some 4,500 chunks:
- *   one write each would leave the pump waiting on the disk a third of the
- *   time). The pump waits only when the store trails by more than 4 MiB, so
+ * - **One pump** reads the origin at the origin's pace and appends each chunk
+ *   to an in-memory window. A write loop beside it stores the window's new
+ *   bytes: the chunks that arrived during a write go in one `writev` of up to
+ *   1 MiB, as they are (gathering them into one buffer cost more CPU than the
+ *   writes). The pump waits only when the store trails by more than 4 MiB, so
  *   backpressure comes from the store, never from a client. No `tee()`.
+ * - **The digest** is computed beside the fill (src/_fill/hash.ts): a large
+ *   stored fill's worker thread reads the bytes back from the writer's file
+ *   once they are written; other fills hand the hash their chunks.
  * - **Readers** (one per attached client) pull at their own pace: bytes still
  *   in the window come from memory, older bytes from the store through the
  *   writer's positional `read()`. Each reader holds at most one chunk, so a
@@ -51,7 +53,9 @@ const WINDOW = 2 * 2 ** 20;
 const DETACHED_LIMIT = 8 * 2 ** 20;
 /** Largest read from the store for a reader that trails the window. */
 const READ_CHUNK = 256 * 1024;
-/** Chunks received during a store write are gathered into one write of up to this. */
+/** A stored fill's hash worker is told how far the file holds its bytes in steps of this. */
+const HASH_STEP = 4 * 2 ** 20;
+/** Chunks received during a store write go to the store together, up to this many bytes. */
 const WRITE_BATCH = 2 ** 20;
 /** Bytes the pump may be ahead of the store before it waits for the disk. */
 const WRITE_AHEAD = 4 * 2 ** 20;
@@ -338,8 +342,15 @@ export class Fill {
    * Once the fill stops storing, the bytes not in the file are still in the
    * window (it keeps every byte the store does not hold), and go from there.
    */
-  #feedHash() {
-    if (this.#hashFromFile && this.#detached === undefined) return;
+  #feedHash(last = false) {
+    if (this.#hashFromFile && this.#detached === undefined) {
+      if (last) {
+        // The end: every byte is in the file (the write loop is done).
+        this.#hash.fromFile(this.#durable);
+        this.#hashed = this.#durable;
+      }
+      return;
+    }
     this.#hashFromFile = false;
     for (const chunk of this.#window) {
       const end = chunk.offset + chunk.bytes.byteLength;
@@ -367,10 +378,14 @@ export class Fill {
     const writer = this.#writer!;
     try {
       while (this.#detached === undefined && this.#durable < this.#written) {
-        const bytes = this.#unstored();
-        const end = this.#durable + bytes.byteLength;
+        const chunks = this.#unstored();
+        let end = this.#durable;
+        for (const chunk of chunks) end += chunk.byteLength;
         let failure: { error: unknown } | undefined;
-        this.#batch = writer.write(bytes).catch((error) => {
+        const write = writer.writev !== undefined
+          ? writer.writev(chunks)
+          : writer.write(chunks.length === 1 ? chunks[0] : concat(chunks, end - this.#durable));
+        this.#batch = write.catch((error) => {
           failure = { error };
         });
         await this.#batch;
@@ -382,7 +397,8 @@ export class Fill {
           return;
         }
         this.#durable = end;
-        if (this.#hashFromFile && this.#detached === undefined) {
+        // The worker is told in steps of HASH_STEP: a message per write cost more than the writes.
+        if (this.#hashFromFile && this.#detached === undefined && end - this.#hashed >= HASH_STEP) {
           this.#hash.fromFile(end);
           this.#hashed = end;
         }
@@ -394,10 +410,10 @@ export class Fill {
 
   /**
    * The next bytes to store: the window's chunks from `#durable` on (they
-   * are in the window: it keeps every byte the store does not hold yet),
-   * gathered up to about WRITE_BATCH. One chunk goes as it is.
+   * are in the window: it keeps every byte the store does not hold yet), up
+   * to about WRITE_BATCH, as they are (no copy).
    */
-  #unstored(): Uint8Array {
+  #unstored(): Uint8Array[] {
     const window = this.#window;
     let first = window.length - 1;
     while (first > 0 && window[first].offset > this.#durable) first--;
@@ -409,14 +425,7 @@ export class Fill {
       chunks.push(chunk);
       total += chunk.byteLength;
     }
-    if (chunks.length === 1) return chunks[0];
-    const bytes = new Uint8Array(total);
-    let offset = 0;
-    for (const chunk of chunks) {
-      bytes.set(chunk, offset);
-      offset += chunk.byteLength;
-    }
-    return bytes;
+    return chunks;
   }
 
   /** Releases what readers read back from: the writer's read handle, the followed file. */
@@ -437,7 +446,7 @@ export class Fill {
         `Origin body ended after ${size} of ${init.expectedLength} bytes`,
       );
     }
-    this.#feedHash();
+    this.#feedHash(true);
     let hex;
     try {
       hex = await this.#hash.digest();
@@ -682,6 +691,17 @@ export class Fill {
   settled(): Promise<void> {
     return this.done;
   }
+}
+
+/** `chunks` gathered into one buffer of `length` bytes. */
+function concat(chunks: readonly Uint8Array[], length: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return bytes;
 }
 
 /**

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { unrefTimer } from "../_runtime.ts";
+import { RUNTIME, unrefTimer } from "../_runtime.ts";
 import type { CommitInfo, ImageEntry, ImageWriter } from "../image_store.ts";
 import { HEARTBEAT_INTERVAL } from "./files.ts";
 
@@ -25,6 +25,10 @@ export interface PositionalFile {
     length: number,
     position: number,
   ): Promise<{ bytesRead: number }>;
+  writev?(
+    buffers: readonly Uint8Array[],
+    position: number,
+  ): Promise<{ bytesWritten: number }>;
   sync(): Promise<void>;
   datasync(): Promise<void>;
   close(): Promise<void>;
@@ -87,6 +91,39 @@ export class FileWriter implements ImageWriter {
 
   async write(chunk: Uint8Array): Promise<void> {
     if (this.#settled) throw new Error(`Writer for "${this.#id}" is closed`);
+    await this.#append(chunk);
+    this.#flushSometimes();
+  }
+
+  /**
+   * Appends the chunks with one `writev` where that is cheap (Node, Bun),
+   * else one write each (Deno, whose `writev` copies: measured 5 s of CPU
+   * per GiB against 0.4 s for per-chunk writes; gathering the chunks into
+   * one buffer first costs 2 s). Never a copy of ours.
+   */
+  async writev(chunks: readonly Uint8Array[]): Promise<void> {
+    if (this.#settled) throw new Error(`Writer for "${this.#id}" is closed`);
+    const writev = this.#handle.writev;
+    if (chunks.length > 1 && writev !== undefined && RUNTIME !== "deno") {
+      const { bytesWritten } = await writev.call(this.#handle, chunks, this.#written);
+      this.#written += bytesWritten;
+      // A short writev (rare: a signal, a full disk's last blocks): the rest one by one.
+      let skip = bytesWritten;
+      for (const chunk of chunks) {
+        if (skip >= chunk.byteLength) {
+          skip -= chunk.byteLength;
+          continue;
+        }
+        await this.#append(skip > 0 ? chunk.subarray(skip) : chunk);
+        skip = 0;
+      }
+    } else {
+      for (const chunk of chunks) await this.#append(chunk);
+    }
+    this.#flushSometimes();
+  }
+
+  async #append(chunk: Uint8Array): Promise<void> {
     let offset = 0;
     while (offset < chunk.byteLength) {
       const { bytesWritten } = await this.#handle.write(
@@ -98,6 +135,9 @@ export class FileWriter implements ImageWriter {
       offset += bytesWritten;
       this.#written += bytesWritten;
     }
+  }
+
+  #flushSometimes(): void {
     if (this.#written - this.#flushedAt >= FLUSH_EVERY && this.#flushing === undefined) {
       // Flush in the background while the writes go on, so that the commit's
       // fsync finds little left to write: its wait (the client's last byte)
