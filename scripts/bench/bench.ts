@@ -2,7 +2,7 @@
  * `deno task bench`: the cache's figures, side by side with nginx and each
  * runtime's own file serving, measured in one run on loopback.
  *
- * 1. Hit throughput, one big image, 1 and 4 clients (`_bench_client.ts`).
+ * 1. Hit throughput, one big image, 1 and 4 clients (`client.ts`).
  * 2. Small hits, 64 KiB, `wrk -c 32`: req/s and p99 latency.
  * 3. Miss path, one big image from an origin on loopback: pass-through vs
  *    our fill (write + MD5 / SHA-256) vs nginx `proxy_cache` on its first
@@ -14,7 +14,7 @@
  *
  * Every server is started here and stopped at the end: nginx (one worker,
  * sendfile) as the origin and as the reference, and per runtime (Deno, Bun,
- * Node) `scripts/_bench_server.ts` in three modes: `raw` (the runtime's own
+ * Node) `scripts/bench/server.ts` in three modes: `raw` (the runtime's own
  * file serving), `pass` (a Hono proxy without cache), `cache` (this
  * middleware with a `FileSystemStore`). Prints one table of medians with
  * ratios against baselines measured in the same run, checks the targets, and
@@ -53,7 +53,7 @@ import {
   watchPeak,
   WORK,
   wrk,
-} from "./_bench_lib.ts";
+} from "./lib.ts";
 
 // ---------------------------------------------------------------------------
 // Options
@@ -309,7 +309,7 @@ async function withFreshCache<T>(
 async function hashCeiling(runtime: Runtime, options: Options, results: Results) {
   const out = await run(
     runtime.command,
-    [...runtime.args, runtime.script("_bench_hash"), String(options.bigSize / MiB)],
+    [...runtime.args, runtime.script("hash"), String(options.bigSize / MiB)],
     { cwd: ROOT, timeoutMs: 120_000 },
   );
   try {

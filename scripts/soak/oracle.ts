@@ -20,8 +20,8 @@ import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { open, readdir, readFile, stat } from "node:fs/promises";
 import { join, relative } from "node:path";
-import { type Catalog, type CatalogImage, ImageBytes } from "./_soak_data.ts";
-import { CUTTING_FAULTS, type OriginRecord, parseRange } from "./_soak_origin.ts";
+import { type Catalog, type CatalogImage, ImageBytes } from "./data.ts";
+import { CUTTING_FAULTS, type OriginRecord, parseRange } from "./origin.ts";
 
 /** One broken invariant. */
 export interface Violation {

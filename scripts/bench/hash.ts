@@ -1,9 +1,9 @@
 /**
  * The hashing ceiling of the miss path on one runtime (Deno, Bun, Node):
  * `node:crypto` MD5 and SHA-256 over `<MiB>` of in-memory data, fed in
- * 64 KiB chunks as a fetch body arrives. Started by `scripts/bench.ts`.
+ * 64 KiB chunks as a fetch body arrives. Started by `scripts/bench/bench.ts`.
  *
- * Usage: `<runtime> scripts/_bench_hash.ts <MiB>`; prints one JSON line
+ * Usage: `<runtime> scripts/bench/hash.ts <MiB>`; prints one JSON line
  * `{"md5": MiB/s, "sha256": MiB/s}`.
  *
  * @module

@@ -3,7 +3,7 @@
  * workload against real server processes that share one cache directory,
  * with an origin that fails in every way it can, a store that fails at
  * random, SIGKILLs at random moments and restarts, judged by an oracle
- * (DESIGN.md §4, see scripts/_soak_oracle.ts).
+ * (DESIGN.md §4, see scripts/soak/oracle.ts).
  *
  * ```sh
  * npx -y deno task soak --quick              # about one minute (CI)
@@ -25,7 +25,7 @@ import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { type CatalogImage, encodeId, HOSTILE_IDS, makeCatalog, Rng } from "./_soak_data.ts";
+import { type CatalogImage, encodeId, HOSTILE_IDS, makeCatalog, Rng } from "./data.ts";
 import {
   checkDirectory,
   type DirectoryMemory,
@@ -35,10 +35,10 @@ import {
   judgeFailure,
   type Violation,
   type World,
-} from "./_soak_oracle.ts";
-import { originRoute, SoakOrigin } from "./_soak_origin.ts";
-import type { SoakServerConfig } from "./_soak_server.ts";
-import { NO_STORE_FAULTS, type StoreFaultRates } from "./_soak_store.ts";
+} from "./oracle.ts";
+import { originRoute, SoakOrigin } from "./origin.ts";
+import type { SoakServerConfig } from "./server.ts";
+import { NO_STORE_FAULTS, type StoreFaultRates } from "./store.ts";
 
 // ---------------------------------------------------------------------------
 // Options.
@@ -169,7 +169,7 @@ function parseArgs(args: string[]): SoakOptions {
 // ---------------------------------------------------------------------------
 // Server processes.
 
-const SERVER_SCRIPT = fileURLToPath(new URL("./_soak_server.ts", import.meta.url));
+const SERVER_SCRIPT = fileURLToPath(new URL("./server.ts", import.meta.url));
 
 interface Slot {
   index: number;
