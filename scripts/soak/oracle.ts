@@ -368,6 +368,50 @@ export function explainCut(
   return undefined;
 }
 
+/** A `DELETE` answered 2xx: when it was sent and answered, on which server. */
+export interface Deletion {
+  sent: number;
+  at: number;
+  server: number;
+  /** The request, for the report. */
+  what: string;
+}
+
+/**
+ * Deletion wins (invariant 7): a request sent after a `DELETE` was answered
+ * 2xx is served from the cache only by a fill whose origin fetch began
+ * after that `DELETE` was sent.
+ */
+export function checkDeletionWins(
+  exp: Expectation,
+  judged: Judged,
+  deleted: Deletion | undefined,
+  records: OriginRecord[],
+): Violation | undefined {
+  if (
+    deleted === undefined || exp.started <= deleted.at ||
+    !/;\s*(hit|fwd=miss; collapsed)/.test(judged.cacheStatus)
+  ) return undefined;
+  const id = exp.image.id;
+  const refilled = records.some((r) =>
+    r.id === id && r.method === "GET" && r.status === 200 && r.at > deleted.sent
+  );
+  if (refilled) return undefined;
+  const fetches = records.filter((r) => r.id === id && r.method === "GET")
+    .slice(-4).map((r) => `${r.req}@${r.at - deleted.sent}ms:s${r.server}:${r.status}/${r.fault}`);
+  // Another process fetched the image shortly before the DELETE was sent: its
+  // miss may have been waiting for the origin then.
+  const crossProcess = records.some((r) =>
+    r.id === id && r.method === "GET" && r.status === 200 && r.server >= 0 &&
+    r.server !== deleted.server && r.at <= deleted.sent && r.at >= deleted.sent - 10_000
+  );
+  return {
+    kind: crossProcess ? "deleted-but-served-cross-process" : "deleted-but-served",
+    message: `"${judged.cacheStatus}" ${exp.started - deleted.at} ms after ${deleted.what} ` +
+      `on server ${deleted.server}; last origin GETs (relative to sent): ${fetches.join(" ")}`,
+  };
+}
+
 /** A request that could not be sent or got no answer: explained only by a kill. */
 export function judgeFailure(exp: Expectation, world: World, error: unknown): Judged {
   const now = Date.now();
