@@ -297,9 +297,20 @@ export interface RunFacts {
 function describeRun(facts: RunFacts): string {
   const o = facts.options;
   const kind = o.quick ? "a quick run" : "a full run";
-  return `${kind}: medians of ${o.runs} run(s), ${formatBytes(o.bigSize)} and ${
+  const runs = o.runs === 1 ? "one run" : `medians of ${o.runs} runs`;
+  return `${kind}: ${runs}, ${formatBytes(o.bigSize)} and ${
     formatBytes(o.coldSize)
   } images, ${o.coldClients} cold-start clients, ${o.wrkSeconds} s of wrk`;
+}
+
+/** `deno 2.9.6` → `Deno 2.9.6`, `node v24.1.0` → `Node 24.1.0`. */
+function runtimeVersion(version: string): string {
+  return version.replace(/^(\w)/, (c) => c.toUpperCase()).replace(/ v(\d)/, " $1");
+}
+
+/** `Deno / Bun / Node`. */
+function runtimeNames(runtimes: Runtime[]): string {
+  return runtimes.map((r) => runtimeVersion(r.name)).join(" / ");
 }
 
 /** The figures section of docs/benchmarks.md, between its markers. */
@@ -323,16 +334,18 @@ export function figuresMarkdown(result: Report, facts: RunFacts, runtimes: Runti
     `| Memory | ${mc.memoryGiB} GiB |`,
     `| Kernel | Linux ${mc.kernel} |`,
     `| Load at start | ${mc.loadAtStart.map((l) => l.toFixed(2)).join(" ")} |`,
-    `| Runtimes | ${runtimes.map((r) => r.version).join(", ")} |`,
-    `| References | ${mc.nginx.replace(/^nginx version: /, "")} (one worker, sendfile), ${
-      mc.wrk || "no wrk"
+    `| Runtimes | ${runtimes.map((r) => runtimeVersion(r.version)).join(", ")} |`,
+    `| References | ${mc.nginx.replace(/^nginx version: /, "")} (one worker, sendfile), wrk ${
+      /\d+(\.\d+)+/.exec(mc.wrk)?.[0] ?? "–"
     } |`,
     "",
     "### Medians",
     "",
     result.table,
     "",
-    '"base" is the baseline named in the row, measured in the same run; × = cache / base.',
+    '"base" is the baseline named in the row, measured in the same run; × = cache / base. The nginx',
+    "column is nginx itself: sendfile for hits, `proxy_cache` for a miss, `proxy_cache_lock on` for",
+    "the cold start.",
     "",
     "### Targets",
     "",
@@ -367,7 +380,7 @@ export function headlineMarkdown(
 ): string {
   const m = medianOf;
   const names = runtimes.map((r) => r.name);
-  const order = names.join(" / ");
+  const order = runtimeNames(runtimes);
   const per = (f: (rt: RuntimeName) => number, digits = 2) =>
     names.map((rt) => fmt(f(rt), digits)).join(" / ");
   const o = facts.options;
@@ -410,7 +423,7 @@ export function headlineMarkdown(
   }
   const met = result.checks.filter((c) => c.met).length;
   lines.push(
-    `- ${met} of ${result.checks.length} targets met on ${facts.machine.cores} cores (${
+    `- ${met} of ${result.checks.length} target checks met on ${facts.machine.cores} cores (${
       facts.date.slice(0, 10)
     }${o.quick ? ", quick run" : ""}): [docs/benchmarks.md](docs/benchmarks.md).`,
     HEADLINE_END,
