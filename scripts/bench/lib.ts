@@ -8,6 +8,7 @@
 import { createHash } from "node:crypto";
 import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { DownloadResult } from "./client.ts";
 
 export const MiB = 2 ** 20;
 export const GiB = 2 ** 30;
@@ -508,16 +509,7 @@ export function watchPeak(pid: number): { stop(): number } {
 // ---------------------------------------------------------------------------
 // Clients
 
-/** What one download gave (see `scripts/bench/client.ts`). */
-export interface DownloadResult {
-  status: number;
-  bytes: number;
-  seconds: number;
-  headers: Record<string, string>;
-  complete: boolean;
-  md5?: string;
-  error?: string;
-}
+export type { DownloadResult } from "./client.ts";
 
 /**
  * Downloads every URL at once, one connection each, with the lean client

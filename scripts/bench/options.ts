@@ -98,7 +98,7 @@ export function parseOptions(args: string[]): Options {
 
 export const USAGE = `deno task bench [options]
 
-  --quick               about a minute: 1 run, 256 MiB / 64 MiB images, 2 s of wrk
+  --quick               1 run, 256 MiB / 64 MiB images, 2 s of wrk
   --runs N              runs per measurement (default 3; medians are reported)
   --runtimes LIST       deno,bun,node (default: all three)
   --only LIST           hits,small,miss,cold (default: all)
