@@ -4,10 +4,10 @@
  * 16 KiB pieces and tops out near 1.7 GB/s on loopback, below what nginx and
  * Bun send; this client does not. Handles `Content-Length` and chunked bodies.
  *
- * Usage: `deno run -A scripts/_bench_client.ts '<json>'` with
+ * Usage: `deno run -A scripts/bench/client.ts '<json>'` with
  * `{ "urls": [...], "rates"?: [bytes/s | 0], "delays"?: [ms], "verify"?: [md5 hex | ""],
  * "timeoutMs"?: n }`; prints one JSON line: `{ "results": [...], "wall": s }`.
- * Started by `scripts/bench.ts` and `scripts/memory_check.ts`.
+ * Started by `scripts/bench/bench.ts` and `scripts/bench/memory_check.ts`.
  *
  * @module
  */

@@ -16,8 +16,8 @@ import type {
   ImageStore,
   ImageWriter,
   WriterRefusal,
-} from "../mod.ts";
-import type { Rng } from "./_soak_data.ts";
+} from "../../mod.ts";
+import type { Rng } from "./data.ts";
 
 /** Probability of each fault, per operation. */
 export interface StoreFaultRates {

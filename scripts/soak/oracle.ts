@@ -20,8 +20,8 @@ import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { open, readdir, readFile, stat } from "node:fs/promises";
 import { join, relative } from "node:path";
-import { type Catalog, type CatalogImage, ImageBytes } from "./_soak_data.ts";
-import { CUTTING_FAULTS, type OriginRecord, parseRange } from "./_soak_origin.ts";
+import { type Catalog, type CatalogImage, ImageBytes } from "./data.ts";
+import { CUTTING_FAULTS, type OriginRecord, parseRange } from "./origin.ts";
 
 /** One broken invariant. */
 export interface Violation {
@@ -366,6 +366,50 @@ export function explainCut(
   const faults = world.storeFaultsBetween(exp.server, exp.started - 1000, endedAt + 1000);
   if (faults.includes("store-read-eio")) return "store-read-fault";
   return undefined;
+}
+
+/** A `DELETE` answered 2xx: when it was sent and answered, on which server. */
+export interface Deletion {
+  sent: number;
+  at: number;
+  server: number;
+  /** The request, for the report. */
+  what: string;
+}
+
+/**
+ * Deletion wins (invariant 7): a request sent after a `DELETE` was answered
+ * 2xx is served from the cache only by a fill whose origin fetch began
+ * after that `DELETE` was sent.
+ */
+export function checkDeletionWins(
+  exp: Expectation,
+  judged: Judged,
+  deleted: Deletion | undefined,
+  records: OriginRecord[],
+): Violation | undefined {
+  if (
+    deleted === undefined || exp.started <= deleted.at ||
+    !/;\s*(hit|fwd=miss; collapsed)/.test(judged.cacheStatus)
+  ) return undefined;
+  const id = exp.image.id;
+  const refilled = records.some((r) =>
+    r.id === id && r.method === "GET" && r.status === 200 && r.at > deleted.sent
+  );
+  if (refilled) return undefined;
+  const fetches = records.filter((r) => r.id === id && r.method === "GET")
+    .slice(-4).map((r) => `${r.req}@${r.at - deleted.sent}ms:s${r.server}:${r.status}/${r.fault}`);
+  // Another process fetched the image shortly before the DELETE was sent: its
+  // miss may have been waiting for the origin then.
+  const crossProcess = records.some((r) =>
+    r.id === id && r.method === "GET" && r.status === 200 && r.server >= 0 &&
+    r.server !== deleted.server && r.at <= deleted.sent && r.at >= deleted.sent - 10_000
+  );
+  return {
+    kind: crossProcess ? "deleted-but-served-cross-process" : "deleted-but-served",
+    message: `"${judged.cacheStatus}" ${exp.started - deleted.at} ms after ${deleted.what} ` +
+      `on server ${deleted.server}; last origin GETs (relative to sent): ${fetches.join(" ")}`,
+  };
 }
 
 /** A request that could not be sent or got no answer: explained only by a kill. */

@@ -1,5 +1,5 @@
 /**
- * Helpers of `scripts/bench.ts` and `scripts/memory_check.ts` (Deno only):
+ * Helpers of `scripts/bench/bench.ts` and `scripts/bench/memory_check.ts` (Deno only):
  * tools and runtimes, test data, server processes, clients (the lean download client, wrk),
  * nginx, and the resident memory of a process tree.
  *
@@ -8,14 +8,17 @@
 import { createHash } from "node:crypto";
 import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { DownloadResult } from "./client.ts";
 
 export const MiB = 2 ** 20;
 export const GiB = 2 ** 30;
 
 /** Where the benchmark keeps its data, runtimes' node_modules and temporary caches. */
 export const WORK = Deno.env.get("BENCH_WORK_DIR") ?? "/tmp/hono-image-cache-bench";
-/** The repository root (the parent of `scripts/`). */
-export const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
+/** The repository root (the grandparent of `scripts/bench/`). */
+export const ROOT = new URL("../..", import.meta.url).pathname.replace(/\/$/, "");
+/** This folder, `scripts/bench/`: the scripts the bench starts. */
+const HERE = new URL(".", import.meta.url).pathname.replace(/\/$/, "");
 
 // ---------------------------------------------------------------------------
 // Small utilities
@@ -131,7 +134,7 @@ export interface Runtime {
   /** Command and arguments before the script path. */
   command: string;
   args: string[];
-  /** The path of `scripts/<name>.ts` for this runtime (the source, or its bundle). */
+  /** The path of `scripts/bench/<name>.ts` for this runtime (the source, or its bundle). */
   script(name: string): string;
 }
 
@@ -143,7 +146,7 @@ async function npxExecPath(pkg: string): Promise<string | undefined> {
   return out.code === 0 && path ? path : undefined;
 }
 
-const BUNDLED = ["_bench_server", "_bench_hash"];
+const BUNDLED = ["server", "hash"];
 
 /**
  * Bundles the bench scripts with the library and `hono` into plain
@@ -163,7 +166,7 @@ async function bundleScripts(log: (line: string) => void): Promise<string> {
       "deno",
       "-o",
       join(lib, `${name}.mjs`),
-      join(ROOT, "scripts", `${name}.ts`),
+      join(HERE, `${name}.ts`),
     ], { cwd: ROOT, timeoutMs: 300_000 });
     if (out.code !== 0) throw new Error(`deno bundle ${name}.ts failed: ${out.stderr}`);
   }
@@ -188,7 +191,7 @@ export async function findRuntimes(
         version: `deno ${Deno.version.deno}`,
         command: Deno.execPath(),
         args: ["run", "-A", "--quiet"],
-        script: (file) => join(ROOT, "scripts", `${file}.ts`),
+        script: (file) => join(HERE, `${file}.ts`),
       });
       continue;
     }
@@ -408,13 +411,13 @@ export async function spawn(
   return { proc, match: result };
 }
 
-/** A benchmark server (`scripts/_bench_server.ts`) on a runtime. */
+/** A benchmark server (`scripts/bench/server.ts`) on a runtime. */
 export interface BenchServer extends Proc {
   url: string;
   runtime: RuntimeName;
 }
 
-/** Starts `scripts/_bench_server.ts` with `config` on `runtime`. */
+/** Starts `scripts/bench/server.ts` with `config` on `runtime`. */
 export async function startBenchServer(
   runtime: Runtime,
   config: Record<string, unknown>,
@@ -422,7 +425,7 @@ export async function startBenchServer(
 ): Promise<BenchServer> {
   const { proc, match } = await spawn(
     runtime.command,
-    [...runtime.args, runtime.script("_bench_server"), JSON.stringify(config)],
+    [...runtime.args, runtime.script("server"), JSON.stringify(config)],
     { cwd: ROOT, ready: /^READY (\d+)$/, timeoutMs: 120_000, onStderrLine },
   );
   return { ...proc, url: `http://127.0.0.1:${match![1]}`, runtime: runtime.name };
@@ -506,20 +509,11 @@ export function watchPeak(pid: number): { stop(): number } {
 // ---------------------------------------------------------------------------
 // Clients
 
-/** What one download gave (see `scripts/_bench_client.ts`). */
-export interface DownloadResult {
-  status: number;
-  bytes: number;
-  seconds: number;
-  headers: Record<string, string>;
-  complete: boolean;
-  md5?: string;
-  error?: string;
-}
+export type { DownloadResult } from "./client.ts";
 
 /**
  * Downloads every URL at once, one connection each, with the lean client
- * (`scripts/_bench_client.ts`, its own Deno process); resolves with each
+ * (`scripts/bench/client.ts`, its own Deno process); resolves with each
  * result and the wall time from the first connect to the last byte.
  */
 export async function download(
@@ -530,7 +524,7 @@ export async function download(
   const job = JSON.stringify({ ...options, urls, timeoutMs: timeoutS * 1000 });
   const out = await run(
     Deno.execPath(),
-    ["run", "-A", "--quiet", join(ROOT, "scripts", "_bench_client.ts"), job],
+    ["run", "-A", "--quiet", join(HERE, "client.ts"), job],
     { cwd: ROOT, timeoutMs: (timeoutS + 30) * 1000 },
   );
   try {

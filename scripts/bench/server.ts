@@ -1,8 +1,8 @@
 /**
  * One benchmark server, runtime-neutral (Deno, Bun, Node with type stripping).
- * Started by `scripts/bench.ts` and `scripts/memory_check.ts`, never by hand.
+ * Started by `scripts/bench/bench.ts` and `scripts/bench/memory_check.ts`, never by hand.
  *
- * Usage: `<runtime> scripts/_bench_server.ts '<json config>'`; prints
+ * Usage: `<runtime> scripts/bench/server.ts '<json config>'`; prints
  * `READY <port>` on stdout once it listens on 127.0.0.1, and stops on SIGTERM.
  *
  * Modes:
@@ -151,7 +151,7 @@ async function honoServer(config: BenchServerConfig): Promise<number> {
   const app = new Hono();
   const origin = config.origin!;
   if (config.mode === "cache") {
-    const { FileSystemStore, imageCache } = await import("../mod.ts");
+    const { FileSystemStore, imageCache } = await import("../../mod.ts");
     const store = new FileSystemStore({ directory: config.cache!, maxSize: 2 ** 40 });
     app.use(imageCache({
       store,

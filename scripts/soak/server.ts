@@ -3,7 +3,7 @@
  * over a `FileSystemStore` on the shared directory, wrapped in a
  * fault-injecting store, in front of the soak origin.
  *
- * Started by `scripts/soak.ts` with one argument, a JSON config. Speaks on
+ * Started by `scripts/soak/soak.ts` with one argument, a JSON config. Speaks on
  * stdout, one line per event: `READY {"port","pid","features"}` once the
  * store's start sweep is done, `FAULT <kind>` per injected store fault,
  * `ERROR <message>` per fault the cache reported to `onError`. Exits when
@@ -12,9 +12,9 @@
  * @module
  */
 import { Hono } from "hono";
-import { cacheApi, FileSystemStore, imageCache } from "../mod.ts";
-import { Rng } from "./_soak_data.ts";
-import { type StoreFaultRates, withStoreFaults } from "./_soak_store.ts";
+import { cacheApi, FileSystemStore, imageCache } from "../../mod.ts";
+import { Rng } from "./data.ts";
+import { type StoreFaultRates, withStoreFaults } from "./store.ts";
 
 /** What the orchestrator passes to a server process. */
 export interface SoakServerConfig {

@@ -275,3 +275,10 @@ export function encodeId(id: string, rng: Rng): string {
   const once = encodeURIComponent(id).replace(/\./g, (dot) => (rng.chance(0.5) ? "%2E" : dot));
   return rng.chance(0.1) ? encodeURIComponent(once) : once;
 }
+
+/** A random id of 1 to 40 characters, drawn from characters that paths and stores mishandle. */
+export function randomId(r: Rng): string {
+  const alphabet = "aZ09-_.~%/\\:é😀 \0?#&=+";
+  const chars = Array.from(alphabet);
+  return Array.from({ length: r.int(1, 40) }, () => r.pick(chars)).join("");
+}

@@ -9,7 +9,7 @@
  */
 import { Buffer } from "node:buffer";
 import { createServer, type Server, type Socket } from "node:net";
-import { type Catalog, type CatalogImage, ImageBytes, type Rng } from "./_soak_data.ts";
+import { type Catalog, type CatalogImage, ImageBytes, type Rng } from "./data.ts";
 
 /** What the origin did wrong on one request. */
 export type OriginFault =

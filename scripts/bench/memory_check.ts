@@ -33,7 +33,7 @@ import {
   warmPageCache,
   watchPeak,
   WORK,
-} from "./_bench_lib.ts";
+} from "./lib.ts";
 
 const USAGE = `deno task memory-check [options]
 
