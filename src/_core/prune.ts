@@ -13,8 +13,8 @@
  * - **`minFree`** (a store that can tell its free space, as
  *   `FileSystemStore.freeSpace()` does): the disk keeps that many bytes
  *   free; a store that cannot tell skips the check.
- * - Least recently used: oldest `lastAccessed` first, then fewest hits,
- *   oldest commit, id. Stores persist hits and last access, so the order
+ * - Least recently used: oldest `lastAccessed` first, then oldest commit,
+ *   fewest hits, id. Stores persist hits and last access, so the order
  *   survives a restart. An entry being filled is never evicted. When
  *   pruning evicts an entry served in the last second, its file is removed
  *   a second later (a hit's file may not be open yet: Bun opens
@@ -71,9 +71,13 @@ type LimitedStore = ImageStore & {
   freeSpace?(): Promise<number | undefined>;
 };
 
-/** Least recently used first: last access, then hits, then commit time, then id. */
+/**
+ * Least recently used first: last access, then commit time (of two entries
+ * last used in the same millisecond, the older goes: an image just filled
+ * stays), then hits, then id.
+ */
 function lruOrder(a: ImageEntry, b: ImageEntry): number {
-  return a.lastAccessed - b.lastAccessed || a.hits - b.hits || a.created - b.created ||
+  return a.lastAccessed - b.lastAccessed || a.created - b.created || a.hits - b.hits ||
     (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 }
 

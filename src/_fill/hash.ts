@@ -15,7 +15,8 @@
  *   {@linkcode FillHash.ready} tells the fill to wait.
  *
  * One worker serves every large fill of the process; it starts with the
- * first and stops with the last, so it never keeps an idle process alive. Small
+ * first, and once the last is done it no longer keeps the process alive
+ * and stops after half a minute without a fill. Small
  * fills hash on the main thread. A worker that cannot start, or fails,
  * costs only speed: the main thread then hashes, reading back from the
  * file what it did not see (the file outlives its own removal while the
@@ -24,6 +25,7 @@
  * @module
  */
 import { createHash, type Hash } from "node:crypto";
+import { unrefTimer } from "../_runtime.ts";
 import type { DigestAlgorithm } from "../image_store.ts";
 
 /** Fills of at least this many bytes (by `Content-Length`) hash in the worker. */
@@ -32,6 +34,8 @@ export const WORKER_MIN = 64 * 2 ** 20;
 const BATCH = 2 ** 20;
 /** Bytes of copies the worker may trail by before the fill waits for it. */
 const HASH_AHEAD = 8 * 2 ** 20;
+/** Milliseconds an idle worker is kept (unref'd) for the next large fill: starting one costs 80-240 ms. */
+const IDLE_KEEP = 30_000;
 /** Buffers back from the worker kept for reuse (each about BATCH). */
 const SPARE_BUFFERS = 12;
 /** Largest read back from the file when the main thread must hash it itself. */
@@ -91,9 +95,14 @@ export async function hashWorkerAvailable(): Promise<boolean> {
   return WorkerClass !== null;
 }
 
-/** Whether the hashing worker runs (for tests: it must stop with the last large fill). */
-export function hashWorkerRunning(): boolean {
-  return HashWorker.running();
+/** Whether the hashing worker runs and a fill uses it (for tests). */
+export function hashWorkerBusy(): boolean {
+  return HashWorker.busy();
+}
+
+/** For tests: stops the hashing worker if no fill uses it. */
+export function stopIdleHashWorker(): void {
+  HashWorker.stopIdle();
 }
 
 /**
@@ -249,6 +258,8 @@ parentPort.on("message", handle);`;
 /** What the cache uses of a `node:worker_threads` worker. */
 interface ThreadWorker {
   postMessage(message: ToWorker, transfer?: ArrayBuffer[]): void;
+  ref(): void;
+  unref(): void;
   on(event: "message", listener: (message: FromWorker) => void): void;
   on(event: "error" | "exit", listener: (value: unknown) => void): void;
   terminate(): Promise<number>;
@@ -280,14 +291,16 @@ class HashWorker {
   #nextId = 0;
   #users = 0;
   #failed: Error | undefined;
+  #idle: ReturnType<typeof setTimeout> | undefined;
 
   private constructor(worker: ThreadWorker) {
     this.#worker = worker;
   }
 
-  /** Whether a worker runs now. */
-  static running(): boolean {
-    return HashWorker.#current !== undefined;
+  /** Whether a worker runs and a fill uses it. */
+  static busy(): boolean {
+    const current = HashWorker.#current;
+    return current !== undefined && current.#users > 0;
   }
 
   /** The worker, started if need be; `undefined` when this runtime cannot start one (yet). */
@@ -298,7 +311,11 @@ class HashWorker {
       if (current === undefined) return undefined;
       HashWorker.#current = current;
     }
-    current.#users++;
+    if (current.#users++ === 0) {
+      clearTimeout(current.#idle);
+      current.#idle = undefined;
+      current.#worker.ref(); // A fill awaits its answers.
+    }
     return current;
   }
 
@@ -314,7 +331,6 @@ class HashWorker {
       worker.on("message", (message) => started.#receive(message));
       worker.on("error", (error) => started.#fail(new Error(`Hash worker failed: ${error}`)));
       worker.on("exit", () => started.#fail(new Error("Hash worker exited")));
-      // Not unref'd: a fill awaits its answers. It stops with its last fill.
       return pool;
     } catch {
       return undefined; // No worker here: hash on this thread.
@@ -337,13 +353,30 @@ class HashWorker {
     if (this.#failed === undefined) this.#worker.postMessage(message, transfer);
   }
 
-  /** A hash is done with the worker; the last one stops it. */
+  /**
+   * A hash is done with the worker. Once none uses it, it no longer keeps
+   * the process alive, and stops after IDLE_KEEP unless a fill takes it.
+   */
   release(id: number) {
     this.#listeners.delete(id);
     if (--this.#users > 0) return;
+    this.#worker.unref();
+    this.#idle = setTimeout(() => this.#stop(), IDLE_KEEP);
+    unrefTimer(this.#idle);
+  }
+
+  /** Stops the worker (idle, or for tests). */
+  #stop() {
+    clearTimeout(this.#idle);
     if (HashWorker.#current === this) HashWorker.#current = undefined;
     this.#failed ??= new Error("Hash worker stopped");
     this.#worker.terminate().catch(() => {});
+  }
+
+  /** For tests: stops the worker if no fill uses it. */
+  static stopIdle(): void {
+    const current = HashWorker.#current;
+    if (current !== undefined && current.#users === 0) current.#stop();
   }
 
   #receive(message: FromWorker) {

@@ -9,7 +9,8 @@ import {
   breakNextHashWorker,
   fillHash,
   hashWorkerAvailable,
-  hashWorkerRunning,
+  hashWorkerBusy,
+  stopIdleHashWorker,
   WORKER_MIN,
 } from "../../src/_fill/hash.ts";
 import { open, writeFile } from "node:fs/promises";
@@ -28,13 +29,13 @@ describe("fillHash()", () => {
     for (const algorithm of ["md5", "sha256", "sha512"] as const) {
       const inline = fillHash(algorithm, 1000);
       const worker = fillHash(algorithm, WORKER_MIN);
-      assert.equal(hashWorkerRunning(), true);
+      assert.equal(hashWorkerBusy(), true);
       feed(inline, DATA);
       feed(worker, DATA);
       const expected = hexDigest(DATA, algorithm);
       assert.equal(await inline.digest(), expected);
       assert.equal(await worker.digest(), expected);
-      assert.equal(hashWorkerRunning(), false, "the worker stops with its last hash");
+      assert.equal(hashWorkerBusy(), false, "no fill uses the worker once its last hash is done");
     }
   });
 
@@ -47,10 +48,10 @@ describe("fillHash()", () => {
     feed(c, DATA.subarray(0, 1000));
     c.dispose();
     await assert.rejects(c.digest());
-    assert.equal(hashWorkerRunning(), true);
+    assert.equal(hashWorkerBusy(), true);
     assert.equal(await a.digest(), hexDigest(DATA));
     assert.equal(await b.digest(), hexDigest(DATA));
-    assert.equal(hashWorkerRunning(), false);
+    assert.equal(hashWorkerBusy(), false);
   });
 
   it("asks the fill to wait while the worker trails by more than 8 MiB", async () => {
@@ -70,11 +71,12 @@ describe("fillHash()", () => {
   });
 
   it("goes on on this thread, with the same digest, when the worker cannot start", async () => {
+    stopIdleHashWorker();
     breakNextHashWorker();
     const hash = fillHash("sha256", WORKER_MIN);
     feed(hash, DATA);
     assert.equal(await hash.digest(), hexDigest(DATA, "sha256"));
-    assert.equal(hashWorkerRunning(), false);
+    assert.equal(hashWorkerBusy(), false);
     // And the next large fill gets a working worker again.
     const next = fillHash("md5", WORKER_MIN);
     feed(next, DATA);
@@ -119,7 +121,7 @@ describe("fillHash()", () => {
       hash.fromFile(DATA.byteLength);
       assert.equal(await hash.digest(), hexDigest(DATA, "sha256"));
       assert.equal(mainReads, 0, "the main thread read nothing");
-      assert.equal(hashWorkerRunning(), false);
+      assert.equal(hashWorkerBusy(), false);
     });
   });
 
@@ -134,6 +136,7 @@ describe("fillHash()", () => {
 
   it("reads the file back on this thread when the worker cannot start, or cannot open it", async () => {
     await withFile(async (source) => {
+      stopIdleHashWorker();
       breakNextHashWorker();
       const broken = fillHash("md5", WORKER_MIN, source);
       broken.fromFile(2_000_000);
