@@ -8,6 +8,7 @@
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { Hono } from "hono";
@@ -19,6 +20,26 @@ import { startPostgres, type TestPostgres } from "./_postgres.ts";
 const SCRIPT = fileURLToPath(new URL("./fixtures/cluster_node.ts", import.meta.url));
 const SECRET = "cluster-secret-0123456789";
 const SIZE = 4 * 2 ** 20;
+
+// cache-manage lives in scripts/, which the npm package does not ship.
+const CACHE_MANAGE = fileURLToPath(new URL("../scripts/cache_manage.ts", import.meta.url));
+
+/** Runs cache-manage in this process against `url`; resolves its exit code and output. */
+async function cacheManage(url: string, args: string[]) {
+  const { main } = await import(CACHE_MANAGE) as {
+    main: (args: string[], io: unknown) => Promise<number>;
+  };
+  let stdout = "";
+  let stderr = "";
+  const code = await main(["--url", url, ...args], {
+    stdout: (text: string) => stdout += text,
+    stderr: (text: string) => stderr += text,
+    readLine: () => Promise.resolve(null),
+    env: {},
+    isTTY: false,
+  });
+  return { code, stdout, stderr };
+}
 
 let pg: TestPostgres | undefined;
 let skip: string | false = false;
@@ -180,6 +201,22 @@ describe("cluster mode over PostgreSQL", () => {
       await waitFor(async () => (await nodesHolding(a, "img")).length === 2, 5000);
       assert.deepEqual(await nodesHolding(a, "img"), [a.url, b.url].sort());
       assert.ok(await metric(b, "image_cache_cluster_peer_bytes_total") >= SIZE);
+
+      if (!existsSync(CACHE_MANAGE)) return;
+      const listed = await cacheManage(a.url, ["list-nodes", "img"]);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.match(listed.stdout, /^Found 2 nodes with image img\.\.\.$/m);
+      for (const node of [a, b]) {
+        assert.ok(listed.stdout.includes(`| ${node.url} |`), listed.stdout);
+      }
+      const deleted = await cacheManage(b.url, ["delete-cached-image", "img", "--cluster"]);
+      assert.deepEqual(deleted, {
+        code: 0,
+        stdout: "Deleted cached image img on every node\n",
+        stderr: "",
+      });
+      assert.deepEqual(await nodesHolding(a, "img"), []);
+      assert.equal((await fetch(`${a.url}/v2/cache/img/status`)).status, 404);
     });
   });
 

@@ -143,3 +143,90 @@ export async function migrate(sql: Sql): Promise<number[]> {
     return applied;
   });
 }
+
+/**
+ * Whether `error` was thrown by the PostgreSQL client's socket callbacks,
+ * not by anyone's code: a stack inside the `postgres` package, or a socket
+ * error (`ECONNRESET`, `EPIPE`) whose stack has only the runtime's own frames.
+ */
+export function isClientCrash(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  const stack = error.stack ?? "";
+  if (
+    /[\\/]postgres[\\/](?:\d[^\\/]*[\\/])?(?:cjs[\\/]|cf[\\/])?src[\\/]connection\.js/.test(stack)
+  ) {
+    return true;
+  }
+  const code = (error as { code?: unknown }).code;
+  if (code !== "ECONNRESET" && code !== "EPIPE") return false;
+  const frames = stack.split("\n").slice(1).filter((line) => /^\s*at /.test(line));
+  return frames.every((line) => /\((?:ext:|node:)|at (?:ext:|node:)/.test(line));
+}
+
+let guards = 0;
+let removeGuard: (() => void) | undefined;
+
+/**
+ * While a cluster node runs: the `postgres` client can throw from its socket
+ * callbacks when the server dies under a query (seen on Deno: a write
+ * scheduled on a socket already closed; an `ECONNRESET` on a socket it no
+ * longer listens to). Such an error must not end the process: the node
+ * serves as a single node and rejoins. Only errors {@linkcode isClientCrash}
+ * recognises are caught; any other keeps the runtime's default behaviour.
+ * Returns the function that removes the guard.
+ */
+export function guardClientCrashes(onCrash: (error: Error) => void): () => void {
+  if (guards++ === 0) {
+    const g = globalThis as unknown as {
+      Deno?: unknown;
+      addEventListener?: (type: string, fn: (event: Event) => void) => void;
+      removeEventListener?: (type: string, fn: (event: Event) => void) => void;
+      process?: {
+        on(event: string, fn: (error: unknown) => void): void;
+        off(event: string, fn: (error: unknown) => void): void;
+      };
+    };
+    if (g.Deno !== undefined && g.addEventListener !== undefined) {
+      const onEvent = (event: Event) => {
+        const error = (event as ErrorEvent).error ?? (event as PromiseRejectionEvent).reason;
+        if (isClientCrash(error)) {
+          event.preventDefault();
+          onCrash(error as Error);
+        }
+      };
+      g.addEventListener("error", onEvent);
+      g.addEventListener("unhandledrejection", onEvent);
+      removeGuard = () => {
+        g.removeEventListener?.("error", onEvent);
+        g.removeEventListener?.("unhandledrejection", onEvent);
+      };
+    } else if (g.process !== undefined) {
+      const process = g.process;
+      const onException = (error: unknown) => {
+        if (isClientCrash(error)) return onCrash(error as Error);
+        // Not ours: what the runtime does without a listener (print, exit).
+        process.off("uncaughtException", onException);
+        throw error;
+      };
+      const onRejection = (reason: unknown) => {
+        if (isClientCrash(reason)) return onCrash(reason as Error);
+        throw reason;
+      };
+      process.on("uncaughtException", onException);
+      process.on("unhandledRejection", onRejection);
+      removeGuard = () => {
+        process.off("uncaughtException", onException);
+        process.off("unhandledRejection", onRejection);
+      };
+    }
+  }
+  let removed = false;
+  return () => {
+    if (removed) return;
+    removed = true;
+    if (--guards === 0) {
+      removeGuard?.();
+      removeGuard = undefined;
+    }
+  };
+}

@@ -16,7 +16,7 @@ import type { FetchImage } from "../_core/prefetch.ts";
 import { unrefTimer } from "../_runtime.ts";
 import type { ExpectedDigest } from "../digest.ts";
 import type { ImageEntry, ImageStore } from "../image_store.ts";
-import { connect, migrate, type Sql } from "./database.ts";
+import { connect, guardClientCrashes, migrate, type Sql } from "./database.ts";
 import {
   askPeer,
   type Eviction,
@@ -71,17 +71,20 @@ export interface PeerServe {
   peer: string;
 }
 
-/** Milliseconds a routing query may take before the miss goes to the origin. */
-const QUERY_TIMEOUT = 2_000;
+/** Milliseconds a routing query may take before the miss goes to the origin (a slow database is not down). */
+const QUERY_TIMEOUT = 5_000;
 /** Milliseconds a cluster-wide delete waits for each peer's answer. */
 const EVICT_TIMEOUT = 1_000;
+
+/** A query that took too long: the database is slow, not (yet) known to be down. */
+class Slow extends Error {}
 
 function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   return Promise.race([
     promise,
     new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} took more than ${ms} ms`)), ms);
+      timer = setTimeout(() => reject(new Slow(`${what} took more than ${ms} ms`)), ms);
     }),
   ]).finally(() => clearTimeout(timer));
 }
@@ -125,6 +128,7 @@ export class ClusterNode implements PeerHost, PeerClient {
   /** Images whose fill lease this node holds. */
   readonly #leases = new Set<string>();
   #unobserve: () => void = () => {};
+  #unguard: () => void = () => {};
   #unlisten: (() => Promise<void>) | undefined;
 
   private constructor(settings: NodeSettings, sql: Sql) {
@@ -157,6 +161,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       await sql.end({ timeout: 0 }).catch(() => {});
       throw error;
     }
+    node.#unguard = guardClientCrashes((error) => node.#down(error));
     node.#unobserve = node.core.observe({
       committed: (entry) => node.#committed(entry),
       removed: (id) => node.#write(() => node.#registry.remove(id)),
@@ -164,9 +169,8 @@ export class ClusterNode implements PeerHost, PeerClient {
     // A heartbeat that hangs (a database that stopped answering) is given up: the next one tries.
     const limit = Math.max(settings.heartbeatInterval * 2, 5_000);
     node.#timer = setInterval(() => {
-      node.#beating ??= within(node.#beat(), limit, "The heartbeat").catch((error) =>
-        node.#down(error)
-      ).finally(() => node.#beating = undefined);
+      node.#beating ??= within(node.#beat(), limit, "The heartbeat").catch(() => {})
+        .finally(() => node.#beating = undefined);
     }, settings.heartbeatInterval);
     unrefTimer(node.#timer);
     return node;
@@ -276,7 +280,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       try {
         holders = await within(this.#registry.holders(id), QUERY_TIMEOUT, "The index query");
       } catch (error) {
-        this.#down(error);
+        if (!(error instanceof Slow)) this.#down(error);
         return undefined;
       }
       for (const holder of order(holders)) {
@@ -292,7 +296,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       try {
         leased = await within(this.#registry.lease(id), QUERY_TIMEOUT, "Taking the fill lease");
       } catch (error) {
-        this.#down(error);
+        if (!(error instanceof Slow)) this.#down(error);
         return undefined;
       }
       if (leased) {
@@ -501,5 +505,6 @@ export class ClusterNode implements PeerHost, PeerClient {
     await this.#unlisten?.().catch(() => {});
     if (this.#up) await this.#registry.deregister().catch(() => {});
     await this.#sql.end({ timeout: 1 }).catch(() => {});
+    this.#unguard();
   }
 }
