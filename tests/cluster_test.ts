@@ -402,6 +402,72 @@ describe("cluster mode over PostgreSQL", () => {
   });
 });
 
+// The proxy CLI runs on Deno only (Deno.serve), from the source tree.
+const SERVE = fileURLToPath(new URL("../scripts/serve.ts", import.meta.url));
+const serveSkip = (globalThis as { Deno?: unknown }).Deno !== undefined && existsSync(SERVE)
+  ? false
+  : "scripts/serve.ts runs on Deno, from the source tree";
+
+describe("the proxy CLI in cluster mode", { skip: serveSkip }, () => {
+  it("exits 1 with one line saying what and how to fix when the cluster database is unreachable", async () => {
+    await withTempDir(async (dir) => {
+      const child = spawn(process.execPath, [
+        "run",
+        "-A",
+        "--no-check",
+        SERVE,
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        dir,
+        "--cluster-db",
+        "postgres://cache:hunter2@127.0.0.1:1/index",
+        "--self-url",
+        "http://127.0.0.1:9",
+        "--cluster-secret",
+        SECRET,
+      ], { stdio: ["ignore", "pipe", "pipe"] });
+      let stderr = "";
+      child.stderr!.on("data", (data) => stderr += String(data));
+      child.stdout!.resume();
+      const code = await new Promise<number | null>((resolve) => child.once("exit", resolve));
+      assert.equal(code, 1);
+      const lines = stderr.trim().split("\n");
+      assert.equal(lines.length, 1, stderr);
+      assert.match(
+        lines[0],
+        /^serve: Cannot join the cluster: the database postgres:\/\/cache:\*\*\*@127\.0\.0\.1:1\/index is unreachable/,
+      );
+      assert.match(lines[0], /then start again$/);
+    });
+  });
+
+  it("refuses cluster flags without the database, and a short secret", async () => {
+    const run = async (args: string[]) => {
+      const child = spawn(process.execPath, ["run", "-A", "--no-check", SERVE, ...args], {
+        stdio: ["ignore", "ignore", "pipe"],
+      });
+      let stderr = "";
+      child.stderr!.on("data", (data) => stderr += String(data));
+      const code = await new Promise<number | null>((resolve) => child.once("exit", resolve));
+      return { code, stderr };
+    };
+    const alone = await run(["--self-url", "http://127.0.0.1:9"]);
+    assert.equal(alone.code, 2);
+    assert.match(alone.stderr, /need --cluster-db/);
+    const short = await run([
+      "--cluster-db",
+      "postgres://x@127.0.0.1:1/db",
+      "--self-url",
+      "http://127.0.0.1:9",
+      "--cluster-secret",
+      "short",
+    ]);
+    assert.equal(short.code, 2);
+    assert.match(short.stderr, /at least 16 characters, received 5/);
+  });
+});
+
 describe("cluster mode's management routes on a single node", () => {
   it("answers GET /v2/cache/nodes/{id} with 409 when not in cluster mode, as Glance", async () => {
     const store = new MemoryStore();
