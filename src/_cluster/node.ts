@@ -116,8 +116,10 @@ export class ClusterNode implements PeerHost, PeerClient {
   };
   readonly peerApp: Hono;
   readonly #settings: NodeSettings;
-  readonly #sql: Sql;
+  #sql: Sql;
   readonly #registry: Registry;
+  /** Heartbeats failed in a row while the database is down. */
+  #failedBeats = 0;
   #up = true;
   #closed = false;
   #timer: ReturnType<typeof setInterval> | undefined;
@@ -243,9 +245,35 @@ export class ClusterNode implements PeerHost, PeerClient {
         await registry.sync(await this.store.list());
         this.#lastSync = Date.now();
       }
+      this.#failedBeats = 0;
     } catch (error) {
       this.#down(error);
+      // A client whose pool is wedged (queries that never return) would never rejoin:
+      // after five failed heartbeats in a row, a new client.
+      if (++this.#failedBeats % 5 === 0 && !this.#closed) await this.#reconnect();
     }
+  }
+
+  /** Replaces the database client (the old one is ended), and listens again. */
+  async #reconnect(): Promise<void> {
+    const old = this.#sql;
+    const unlisten = this.#unlisten;
+    try {
+      const sql = await connect(this.#settings.database, {
+        name: `hono-image-cache ${this.selfUrl}`,
+      });
+      this.#sql = sql;
+      this.#registry.use(sql);
+      this.#unlisten = undefined;
+      sql.listen(EVICT_CHANNEL, (payload) => this.#notified(payload)).then(
+        (listener) => this.#unlisten = () => listener.unlisten(),
+        () => {},
+      );
+    } catch {
+      return;
+    }
+    unlisten?.().catch(() => {});
+    old.end({ timeout: 0 }).catch(() => {});
   }
 
   /** Holds the lease of `id` until the miss that took it ends. */

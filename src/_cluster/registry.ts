@@ -35,7 +35,7 @@ function rowKey(entry: ImageEntry): string {
 
 /** One node's view of the shared index. */
 export class Registry {
-  readonly #sql: Sql;
+  #sql: Sql;
   readonly #url: string;
   readonly #deadAfter: number;
   /** This node's `node_reference_id`, once registered. */
@@ -47,6 +47,11 @@ export class Registry {
     this.#sql = sql;
     this.#url = selfUrl;
     this.#deadAfter = deadAfter;
+  }
+
+  /** Uses another client (the node replaced a wedged one). */
+  use(sql: Sql): void {
+    this.#sql = sql;
   }
 
   /** This node's id in `node_reference`. */
