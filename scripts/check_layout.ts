@@ -60,7 +60,8 @@ export const RULES: LayoutRule[] = [
   {
     from: "src/_cluster/",
     forbid: ["src/image_cache.ts", "src/cache_api.ts", "src/cluster.ts", "src/_fs/"],
-    why: "cluster mode works on the core, its fills and the peer protocol; the public fronts use it",
+    why:
+      "cluster mode works on the core, its fills and the peer protocol; the public fronts use it",
   },
   {
     from: "src/_fs/",
