@@ -14,7 +14,15 @@ import { fileURLToPath } from "node:url";
 import { Hono } from "hono";
 import { cacheApi, imageCache, joinCluster, MemoryStore } from "hono-image-cache";
 import { demoOrigin, generatedDigests } from "hono-image-cache/testing";
-import { hexDigest, readBody, sleep, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import {
+  hexDigest,
+  readBody,
+  runtimeArgs,
+  sleep,
+  startServer,
+  waitFor,
+  withTempDir,
+} from "./_helpers.ts";
 import { startPostgres, type TestPostgres } from "./_postgres.ts";
 
 const SCRIPT = fileURLToPath(new URL("./fixtures/cluster_node.ts", import.meta.url));
@@ -56,14 +64,6 @@ async function freshDatabase(): Promise<string> {
     await sql.end({ timeout: 1 });
   }
   return pg!.url.replace(/\/postgres$/, `/${name}`);
-}
-
-/** The arguments that run a TypeScript file with the runtime running this test. */
-function runtimeArgs(script: string): string[] {
-  const g = globalThis as { Deno?: unknown; Bun?: unknown };
-  if (g.Deno) return ["run", "-A", "--no-check", script];
-  if (g.Bun) return [script];
-  return ["--experimental-strip-types", "--no-warnings", script];
 }
 
 interface Node {
