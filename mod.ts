@@ -9,6 +9,8 @@
  * - {@linkcode FileSystemStore} and {@linkcode MemoryStore}: where images live.
  * - {@linkcode cacheApi}: Glance's cache management API (list, queue,
  *   delete, clean, prune) with a prefetcher; {@linkcode metricsText}: metrics.
+ * - {@linkcode joinCluster}: cluster mode, several nodes over one PostgreSQL
+ *   index, the origin read once per image for the fleet.
  *
  * @example Quick start
  * ```ts
@@ -36,7 +38,10 @@ export type {
   CacheAction,
   CacheApiOptions,
   FetchImage,
+  FetchImageOptions,
 } from "./src/cache_api.ts";
+export { joinCluster } from "./src/cluster.ts";
+export type { Cluster, ClusterOptions } from "./src/cluster.ts";
 export { CACHE_STATUS_DETAILS } from "./src/cache_status.ts";
 export type { CacheStatusDetail } from "./src/cache_status.ts";
 export { METRICS_CONTENT_TYPE, metricsText } from "./src/metrics.ts";

@@ -11,7 +11,8 @@
  *    LICENSE.
  * 2. The tarball is unpacked into `npm/` and its package.json rewritten for
  *    npm: the name `hono-image-cache` (deno.json's name is JSR's scoped one),
- *    `hono` as a peer dependency (never bundled), exports with types,
+ *    `hono` as a peer dependency (never bundled), `postgres` as an optional
+ *    one (cluster mode loads it on demand), exports with types,
  *    engines, license, repository, keywords, `sideEffects: false`.
  * 3. `npm pack` makes `npm/hono-image-cache-<version>.tgz`, and its file
  *    list is checked: ESM JavaScript, `.d.ts` for every public module,
@@ -35,7 +36,9 @@ const REPOSITORY = "https://github.com/image-cache/hono-image-cache";
 /** Node versions the whole test suite runs on (scripts/test_all.ts). */
 const NODE_ENGINES = ">=22";
 /** Dependencies the user brings: never bundled, never installed twice. */
-const PEERS = new Set(["hono"]);
+const PEERS = new Set(["hono", "postgres"]);
+/** Peers only some users need: `postgres` is loaded in cluster mode only (src/_cluster/). */
+const OPTIONAL_PEERS = ["postgres"];
 const KEYWORDS = [
   "hono",
   "middleware",
@@ -254,6 +257,12 @@ export async function buildNpm(options: BuildOptions = {}): Promise<BuildResult>
     engines: { node: NODE_ENGINES },
     ...(Object.keys(dependencies).length > 0 ? { dependencies } : {}),
     peerDependencies,
+    peerDependenciesMeta: Object.fromEntries(
+      OPTIONAL_PEERS.filter((name) => name in peerDependencies).map((name) => [
+        name,
+        { optional: true },
+      ]),
+    ),
   };
   await writeFile(join(OUT, "package.json"), JSON.stringify(pkg, null, 2) + "\n");
 

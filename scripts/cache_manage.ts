@@ -32,8 +32,9 @@ Commands:
   list-cached                 List the cached images: id, last accessed, last modified, size, hits
   list-queued                 List the images queued for prefetching
   queue-image ID [--wait]     Queue an image for prefetching; --wait shows a progress bar until cached
-  delete-cached-image ID      Remove an image from the cache (and from the queue)
-  delete-all-cached-images    Remove every cached image (asks first unless --force)
+  delete-cached-image ID      Remove an image from the cache (and from the queue); --cluster: on every node
+  delete-all-cached-images    Remove every cached image (asks first unless --force); --cluster: on every node
+  list-nodes ID               (cluster mode) List the live nodes that have an image cached
   delete-queued-image ID      Remove an image from the queue
   delete-all-queued-images    Empty the queue (asks first unless --force)
   prune                       Remove least-recently-used images down to the cache's maxSize
@@ -44,6 +45,7 @@ Options:
   --url URL             Base URL of the management API (env IMAGE_CACHE_URL; default http://127.0.0.1:8000)
   --token TOKEN         Sent as X-Auth-Token (env IMAGE_CACHE_TOKEN, else OS_AUTH_TOKEN)
   -f, --force           Do not ask before bulk deletes
+  --cluster             (deletes) Delete on every live node of the cluster, not this node only
   --wait                (queue-image) Wait until the image is cached, with a progress bar
   --timeout SECONDS     (queue-image --wait) Give up after this long (default 3600)
   --poll-interval MS    (queue-image --wait) How often to ask for progress (default 250)
@@ -64,6 +66,7 @@ interface Options {
   url: string;
   token: string | undefined;
   force: boolean;
+  cluster: boolean;
   wait: boolean;
   timeout: number;
   pollInterval: number;
@@ -76,6 +79,7 @@ function parseArgs(args: string[], env: CliIo["env"]): Options {
     url: env.IMAGE_CACHE_URL || "http://127.0.0.1:8000",
     token: env.IMAGE_CACHE_TOKEN || env.OS_AUTH_TOKEN || undefined,
     force: false,
+    cluster: false,
     wait: false,
     timeout: 3600,
     pollInterval: 250,
@@ -117,6 +121,9 @@ function parseArgs(args: string[], env: CliIo["env"]): Options {
         break;
       case "--wait":
         options.wait = true;
+        break;
+      case "--cluster":
+        options.cluster = true;
         break;
       case "--timeout":
         options.timeout = number("--timeout");
@@ -338,6 +345,10 @@ export async function main(args: string[], io: CliIo = processIo()): Promise<num
     const noArgs = () => {
       if (options.positional.length > 1) throw new CliError(`${command} takes no arguments`);
     };
+    /** `--cluster`: the delete reaches every live node (x-image-cache-scope). */
+    const scope: Record<string, string> = options.cluster
+      ? { "x-image-cache-scope": "cluster" }
+      : {};
     switch (command) {
       case "list-cached": {
         noArgs();
@@ -390,9 +401,12 @@ export async function main(args: string[], io: CliIo = processIo()): Promise<num
       case "delete-cached-image": {
         const image = needId(options.positional, command);
         await client.request("DELETE", `/v2/cache/${id(command)}`, {
-          notFound: `Image ${image} is not cached, queued nor being cached`,
+          headers: scope,
+          notFound: `Image ${image} is not cached, queued nor being cached${
+            options.cluster ? " on any node" : ""
+          }`,
         });
-        io.stdout(`Deleted cached image ${image}\n`);
+        io.stdout(`Deleted cached image ${image}${options.cluster ? " on every node" : ""}\n`);
         return 0;
       }
       case "delete-all-cached-images":
@@ -404,9 +418,31 @@ export async function main(args: string[], io: CliIo = processIo()): Promise<num
           return 1;
         }
         await client.request("DELETE", "/v2/cache", {
-          headers: { "x-image-cache-clear-target": what === "cached" ? "cache" : "queue" },
+          headers: {
+            "x-image-cache-clear-target": what === "cached" ? "cache" : "queue",
+            ...(what === "cached" ? scope : {}),
+          },
         });
-        io.stdout(`Deleted all ${what} images\n`);
+        io.stdout(`Deleted all ${what} images${options.cluster ? " on every node" : ""}\n`);
+        return 0;
+      }
+      case "list-nodes": {
+        const image = needId(options.positional, command);
+        const res = await client.request("GET", `/v2/cache/nodes/${id(command)}`, {
+          notFound: `Not found: is the management API mounted at --url?`,
+        }).catch((error) => {
+          if (error instanceof CliError && / 409 /.test(error.message)) {
+            throw new CliError(`${options.url} is not in cluster mode (no --cluster-db)`);
+          }
+          throw error;
+        });
+        const nodes = await res.json() as string[];
+        if (nodes.length === 0) {
+          io.stdout(`No live node has image ${image} cached.\n`);
+          return 0;
+        }
+        io.stdout(`Found ${nodes.length} nodes with image ${image}...\n`);
+        io.stdout(table(["Node"], nodes.map((node) => [node]), [false]));
         return 0;
       }
       case "delete-queued-image": {

@@ -58,6 +58,12 @@ export const RULES: LayoutRule[] = [
     why: "a fill knows its source, its writer and its readers, nothing above them",
   },
   {
+    from: "src/_cluster/",
+    forbid: ["src/image_cache.ts", "src/cache_api.ts", "src/cluster.ts", "src/_fs/"],
+    why:
+      "cluster mode works on the core, its fills and the peer protocol; the public fronts use it",
+  },
+  {
     from: "src/_fs/",
     forbid: ["src/_core/", "src/_fill/", "src/_http/", "src/_cluster/"],
     why: "the file system store's internals serve the store, not the cache's logic",

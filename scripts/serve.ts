@@ -15,7 +15,7 @@
 import { access, constants, mkdir, readFile } from "node:fs/promises";
 import process from "node:process";
 import { parseArgs } from "node:util";
-import { FileSystemStore } from "../mod.ts";
+import { type Cluster, FileSystemStore, joinCluster } from "../mod.ts";
 import { demoOrigin } from "../testing.ts";
 import { formatAccessLog, proxyApp } from "../proxy.ts";
 
@@ -132,6 +132,25 @@ const SETTINGS: Setting[] = [
     boolean: true,
     help: "No access log at all",
   },
+  {
+    flag: "cluster-db",
+    env: "IMAGE_CACHE_CLUSTER_DB",
+    value: "URL",
+    help:
+      "Cluster mode: the shared PostgreSQL index (postgres://user:password@host:5432/db); needs --self-url and --cluster-secret. Off by default",
+  },
+  {
+    flag: "self-url",
+    env: "IMAGE_CACHE_SELF_URL",
+    value: "URL",
+    help: "Cluster mode: the URL the other nodes reach this one at (http://10.0.0.5:9292)",
+  },
+  {
+    flag: "cluster-secret",
+    env: "IMAGE_CACHE_CLUSTER_SECRET",
+    value: "SECRET",
+    help: "Cluster mode: the secret every node shares (16+ characters); guards the peer endpoint",
+  },
   { flag: "help", env: "", boolean: true, help: "Show this help (also -h)" },
 ];
 
@@ -161,6 +180,7 @@ interface Config {
   prefetchConcurrency: number;
   quietHits: boolean;
   accessLog: boolean;
+  cluster: { database: string; selfUrl: string; secret: string } | undefined;
 }
 
 function usage(): string {
@@ -347,6 +367,33 @@ function parseConfig(args: string[], env: Record<string, string | undefined>): C
     );
   }
 
+  const clusterDb = raw("cluster-db");
+  const selfUrl = raw("self-url");
+  const clusterSecret = raw("cluster-secret");
+  let cluster: Config["cluster"];
+  if (clusterDb.value !== undefined) {
+    if (!/^postgres(?:ql)?:\/\/\S+$/.test(clusterDb.value)) {
+      throw new UsageError(`${clusterDb.source} must be a postgres:// URL`);
+    }
+    if (selfUrl.value === undefined || !/^https?:\/\/[^/\s]+\/?$/.test(selfUrl.value)) {
+      throw new UsageError(
+        `cluster mode needs --self-url (or IMAGE_CACHE_SELF_URL): the http://host:port the other nodes reach this one at${
+          selfUrl.value === undefined ? "" : `, received ${JSON.stringify(selfUrl.value)}`
+        }`,
+      );
+    }
+    if (clusterSecret.value === undefined || clusterSecret.value.length < 16) {
+      throw new UsageError(
+        `cluster mode needs --cluster-secret (or IMAGE_CACHE_CLUSTER_SECRET) of at least 16 characters${
+          clusterSecret.value === undefined ? "" : `, received ${clusterSecret.value.length}`
+        }`,
+      );
+    }
+    cluster = { database: clusterDb.value, selfUrl: selfUrl.value, secret: clusterSecret.value };
+  } else if (selfUrl.value !== undefined || clusterSecret.value !== undefined) {
+    throw new UsageError("--self-url and --cluster-secret need --cluster-db (cluster mode)");
+  }
+
   const headerTimeout = duration("header-timeout");
   if (headerTimeout === 0) throw new UsageError("--header-timeout must be more than 0");
 
@@ -367,6 +414,7 @@ function parseConfig(args: string[], env: Record<string, string | undefined>): C
     prefetchConcurrency,
     quietHits: bool("quiet-hits"),
     accessLog: !bool("no-access-log"),
+    cluster,
   };
 }
 
@@ -451,7 +499,20 @@ async function main(): Promise<number> {
     minFree: config.minFree,
   });
   const log = (line: string) => console.log(line);
+  // Cluster mode: a database unreachable at start is one line and exit 1.
+  let cluster: Cluster | undefined;
+  if (config.cluster !== undefined) {
+    try {
+      cluster = await joinCluster({ store, ...config.cluster, onLog: log });
+    } catch (error) {
+      console.error(`serve: ${(error as Error).message}`);
+      await demo?.shutdown();
+      await store.close();
+      return 1;
+    }
+  }
   const proxy = proxyApp({
+    cluster,
     upstream,
     store,
     accessCheck: config.accessCheck ? { ttl: config.accessTtl } : false,
@@ -513,6 +574,13 @@ async function main(): Promise<number> {
       `  timeouts         upstream headers ${duration(config.headerTimeout)}, shutdown ${
         duration(config.shutdownTimeout)
       }`,
+      `  cluster          ${
+        cluster === undefined
+          ? "off (single node)"
+          : `${cluster.selfUrl}, index ${
+            config.cluster!.database.replace(/^(postgres(?:ql)?:\/\/[^:@/]*):[^@/]*@/, "$1:***@")
+          }`
+      }`,
       `  access log       ${
         !config.accessLog ? "off" : config.quietHits ? "every request but hits" : "every request"
       }`,
@@ -553,6 +621,7 @@ async function main(): Promise<number> {
         }; their partial files are swept at the next start`,
       );
     }
+    await cluster?.close().catch((error) => console.warn("hono-image-cache:", error));
     await store.close().catch((error) => console.warn("hono-image-cache:", error));
     log("stopped");
     done.resolve(0);

@@ -14,19 +14,20 @@ import { checkFunction, checkSize } from "./_options.ts";
 import { unrefTimer } from "./_runtime.ts";
 import type { FetchImage } from "./_core/prefetch.ts";
 import { PrefetchQueue } from "./_core/prefetch_queue.ts";
-import type { ExpectedDigest } from "./digest.ts";
+import { digestFromHeaders, type ExpectedDigest } from "./digest.ts";
+import { type Cluster, clusterNode } from "./cluster.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { METRICS_CONTENT_TYPE, metricsText } from "./metrics.ts";
 
-export type { FetchImage } from "./_core/prefetch.ts";
+export type { FetchImage, FetchImageOptions } from "./_core/prefetch.ts";
 
 /**
  * What a management request wants to do, by Glance's policy name:
  * `cache_list` (`GET /v2/cache`), `cache_image` (`PUT /v2/cache/{id}`),
  * `cache_delete` (`DELETE /v2/cache/{id}`, `DELETE /v2/cache`),
  * `cache_clean`, `cache_prune`, `manage_image_cache` (every legacy
- * `cached_images` / `queued_images` route) and `cache_metrics` (the
- * metrics route).
+ * `cached_images` / `queued_images` route), `cache_metrics` (the
+ * metrics route) and `list_cached_nodes` (`GET /v2/cache/nodes/{id}`).
  */
 export type CacheAction =
   | "cache_list"
@@ -35,7 +36,8 @@ export type CacheAction =
   | "cache_clean"
   | "cache_prune"
   | "manage_image_cache"
-  | "cache_metrics";
+  | "cache_metrics"
+  | "list_cached_nodes";
 
 /**
  * Decides whether a management request may proceed: `true` allows, `false`
@@ -109,6 +111,13 @@ export interface CacheApiOptions {
    * @default {console.warn}
    */
   onError?: (error: unknown, c?: Context) => void;
+  /**
+   * Cluster mode (see {@linkcode joinCluster}): `GET /v2/cache/nodes/{id}`
+   * lists the live nodes that have an image; a delete with
+   * `x-image-cache-scope: cluster` evicts on every live node; prefetches
+   * read from a peer that has the image; `/metrics` adds the cluster's.
+   */
+  cluster?: Cluster;
 }
 
 /** How an entry is listed: Glance's record, times in epoch seconds. */
@@ -160,8 +169,13 @@ const MAX_RETRY_DELAY = 600_000;
  * | `POST /v2/cache/clean` | `200 {"invalid_files_removed","incomplete_files_removed"}` |
  * | `POST /v2/cache/prune` | `200 {"total_files_pruned","total_bytes_pruned"}` |
  * | `GET /v2/cache/{id}/status` | `200 {"image_id","state","size","bytes",...}`: `cached`, `filling` or `queued`; `404` |
+ * | `GET /v2/cache/nodes/{id}` | `200 ["http://node:port",...]`: the live nodes that have it (cluster mode; else `409`) |
  * | `GET /metrics` | Prometheus text (see {@linkcode metricsText}) |
  * | legacy `/v1` and `/v2` `cached_images`, `queued_images` | As Glance's cache-manage middleware |
+ *
+ * In cluster mode, `DELETE /v2/cache/{id}` and `DELETE /v2/cache` with the
+ * header `x-image-cache-scope: cluster` evict on every live node (fills
+ * under way included); without it, on this node only (as Glance).
  *
  * Any other method on those paths answers `405` with `Allow`; an id the
  * store cannot hold answers `400`; `authorize` saying no answers `403`.
@@ -271,15 +285,38 @@ export function cacheApi(options: CacheApiOptions): Hono {
   };
   const core = coreFor(store);
   const pruner = core.pruner;
+  const cluster = clusterNode("cacheApi", options.cluster);
+  if (cluster !== undefined && cluster.store !== store) {
+    throw new TypeError(
+      `Cannot create cacheApi: "cluster" must be joined with the same store as cacheApi's`,
+    );
+  }
+  /** The delete reaches every live node (cluster mode, `x-image-cache-scope: cluster`). */
+  const clusterScope = (c: Context): boolean | Response => {
+    const scope = (c.req.header("x-image-cache-scope") ?? "").trim().toLowerCase();
+    if (scope === "" || scope === "node") return false;
+    if (scope !== "cluster") {
+      return c.text(
+        `Bad x-image-cache-scope ${JSON.stringify(scope)}: use "cluster" or "node"`,
+        400,
+      );
+    }
+    if (cluster === undefined) return c.text("This node is not in cluster mode", 409);
+    return true;
+  };
 
   // Background work: the prefetch worker (resumes the queue at start) and the clean timer.
   let prefetch: PrefetchQueue | undefined;
   if (fetchImage !== undefined && !signal?.aborted) {
-    prefetch = new PrefetchQueue(core, fetchImage, {
+    // Cluster mode: a prefetch reads from a peer that has the image, with the digest it carries.
+    const digest = expectedDigest ?? ((response: Response) => digestFromHeaders(response.headers));
+    prefetch = new PrefetchQueue(core, cluster?.wrapFetch(fetchImage) ?? fetchImage, {
       concurrency,
       retryDelay,
       maxRetryDelay: Math.max(retryDelay, MAX_RETRY_DELAY),
-      expectedDigest,
+      expectedDigest: cluster === undefined
+        ? expectedDigest
+        : (response) => cluster.peerDigest(response, digest),
       requireDigest: options.requireDigest ?? false,
       onError: (error) => onError(error),
     });
@@ -428,6 +465,14 @@ export function cacheApi(options: CacheApiOptions): Hono {
               400,
             );
           }
+          const scope = clusterScope(c);
+          if (typeof scope !== "boolean") return scope;
+          if (scope) {
+            await cluster!.evictEverywhere({
+              target: (target || "both") as "cache" | "queue" | "both",
+            });
+            return c.body(null, 204);
+          }
           if (target !== "queue") await clearCache();
           if (target !== "cache") await clearQueue();
           return c.body(null, 204);
@@ -449,7 +494,10 @@ export function cacheApi(options: CacheApiOptions): Hono {
         DELETE: {
           action: "cache_delete",
           run: async (c, id) => {
-            if (await core.evict(id)) return c.body(null, 204);
+            const scope = clusterScope(c);
+            if (typeof scope !== "boolean") return scope;
+            const found = scope ? await cluster!.evictEverywhere({ id }) : await core.evict(id);
+            if (found) return c.body(null, 204);
             return c.text(`Image ${JSON.stringify(id)} is neither cached, queued nor filling`, 404);
           },
         },
@@ -482,6 +530,23 @@ export function cacheApi(options: CacheApiOptions): Hono {
   app.all(
     "/v2/cache/:id/status",
     resource(() => ({ GET: { action: "cache_list", run: status } }), 2),
+  );
+  // Glance's centralized_db: the nodes that have an image (409 when not in cluster mode).
+  app.all(
+    "/v2/cache/nodes/:id",
+    resource(() => ({
+      GET: {
+        action: "list_cached_nodes",
+        run: async (c, id) => {
+          if (cluster === undefined) return c.text("This node is not in cluster mode", 409);
+          try {
+            return c.json(await cluster.nodes(id));
+          } catch {
+            return c.text("The cluster database is unreachable", 503);
+          }
+        },
+      },
+    }), 1),
   );
 
   // Glance's cache-manage middleware, under /v1 and /v2: every route is `manage_image_cache`.
@@ -552,7 +617,11 @@ export function cacheApi(options: CacheApiOptions): Hono {
         GET: {
           action: "cache_metrics",
           run: async (c) =>
-            c.body(await metricsText(store), 200, { "content-type": METRICS_CONTENT_TYPE }),
+            c.body(
+              await metricsText(store) + (options.cluster?.metricsText() ?? ""),
+              200,
+              { "content-type": METRICS_CONTENT_TYPE },
+            ),
         },
       })),
     );

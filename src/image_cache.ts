@@ -20,6 +20,8 @@ import { requestPath } from "./_http/path.ts";
 import { checkFunction, checkSize } from "./_options.ts";
 import { type FetchImage, prefetchImage } from "./_core/prefetch.ts";
 import type { CacheStatusDetail } from "./cache_status.ts";
+import { type Cluster, clusterNode } from "./cluster.ts";
+import { PEER_PATH } from "./_cluster/peer.ts";
 import { digestFromHeaders, type ExpectedDigest } from "./digest.ts";
 import type { ImageEntry, ImageStore } from "./image_store.ts";
 import { checkRoutes, glanceRoutes, type ImageRoute, matchRoute } from "./routes.ts";
@@ -99,6 +101,13 @@ export interface ImageCacheOptions {
    * @default {60000}
    */
   originStallTimeout?: number;
+  /**
+   * Cluster mode (see {@linkcode joinCluster}): a miss streams the image
+   * from a live peer that has it or is filling it (after `authorize`, as a
+   * hit), else this node takes the image's fill lease and asks the origin.
+   * The middleware also answers the cluster's peer endpoint.
+   */
+  cluster?: Cluster;
 }
 
 /**
@@ -194,6 +203,12 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     );
   }
   const core = coreFor(store);
+  const cluster = clusterNode("imageCache", options.cluster);
+  if (cluster !== undefined && cluster.store !== store) {
+    throw new TypeError(
+      `Cannot create imageCache: "cluster" must be joined with the same store as imageCache's`,
+    );
+  }
 
   /** Sets `Cache-Status` on the response the context holds. */
   const mark = (c: Context, params: string) => {
@@ -311,9 +326,12 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const status = c.res.status;
     if (!fillOnRange || fetchImage === undefined || core.busy(id)) return;
     if (status >= 300 && status !== 416) return; // the origin does not have it (or refuses)
-    prefetchImage(core, id, fetchImage, {
+    const digest = (response: Response) => expectedDigest(c, response);
+    prefetchImage(core, id, cluster?.wrapFetch(fetchImage) ?? fetchImage, {
       onError: report(c),
-      expectedDigest: (response) => expectedDigest(c, response),
+      expectedDigest: cluster === undefined
+        ? digest
+        : (response) => cluster.peerDigest(response, digest),
       requireDigest,
     }).catch(report(c));
   };
@@ -419,16 +437,33 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       return forward(c, next, "uncacheable");
     }
     core.countMiss();
-    try {
-      await next();
-    } catch (error) {
-      claim.abandon();
-      throw error;
+    // Cluster mode (src/_cluster/): a peer that has the image, or is filling it, answers
+    // the miss (after authorize: the origin does not see this request); otherwise this
+    // node holds the image's fill lease and asks the origin.
+    const peer = await cluster?.route(id, fetchImage);
+    if (peer !== undefined) {
+      const refusal = await denied(c, id);
+      if (refusal !== undefined) {
+        claim.abandon();
+        await peer.response.body?.cancel().catch(() => {});
+        return refusal;
+      }
+      c.res = undefined;
+      c.res = peer.response;
+    } else {
+      try {
+        await next();
+      } catch (error) {
+        claim.abandon();
+        throw error;
+      }
     }
     const res = c.res;
     const outcome = await core.fillFromOrigin(claim, res, {
-      expectedDigest: (response) => expectedDigest(c, response),
-      requireDigest,
+      expectedDigest: peer !== undefined
+        ? () => peer.expected
+        : (response) => expectedDigest(c, response),
+      requireDigest: requireDigest && peer === undefined,
       completeOnAbort,
       shareWhenBusy: true,
       stallTimeout,
@@ -440,14 +475,19 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (!stored) core.countPassThrough("busy");
     if (name !== false) {
       const status = stored ? "stored" : fill.followed ? "collapsed; detail=busy" : "detail=busy";
-      headers.set("cache-status", `${name}; fwd=miss; ${status}`);
+      headers.set("cache-status", `${name}; fwd=miss; ${status}${peer ? "; peer" : ""}`);
     }
     c.res = undefined;
     c.res = new Response(fillBody(fill, fill.attachAt(0)!, 0), { status: 200, headers });
   };
 
   return async function imageCache(c, next) {
-    const match = matchRoute(routes, c.req.method, requestPath(c.req.url));
+    const path = requestPath(c.req.url);
+    // Cluster mode: the peer endpoint (secret required), never passed to the origin.
+    if (cluster !== undefined && path.startsWith(PEER_PATH)) {
+      return cluster.peerApp.fetch(c.req.raw);
+    }
+    const match = matchRoute(routes, c.req.method, path);
     if (match === undefined) return next();
     const { route, id } = match;
     if (route.action === "serve") {
@@ -476,7 +516,8 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     await next();
     if (c.res.status >= 200 && c.res.status < 300) {
       try {
-        await core.evict(id);
+        // Deleted at the origin: evicted on every node in cluster mode.
+        await (cluster?.evictEverywhere({ id }) ?? core.evict(id));
       } catch (error) {
         report(c)(error);
       }

@@ -240,3 +240,11 @@ export async function startServer(fetch: Fetch): Promise<TestServer> {
     });
   });
 }
+
+/** The arguments that run a TypeScript file with the runtime running this test (child processes). */
+export function runtimeArgs(script: string): string[] {
+  const g = globalThis as { Deno?: unknown; Bun?: unknown };
+  if (g.Deno) return ["run", "-A", "--no-check", script];
+  if (g.Bun) return [script];
+  return ["--experimental-strip-types", "--no-warnings", script];
+}

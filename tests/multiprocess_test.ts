@@ -6,18 +6,10 @@ import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { demoOrigin, generatedDigests } from "hono-image-cache/testing";
-import { hexDigest, readBody, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import { hexDigest, readBody, runtimeArgs, startServer, waitFor, withTempDir } from "./_helpers.ts";
 
 const SCRIPT = fileURLToPath(new URL("./fixtures/cache_server.ts", import.meta.url));
 const SIZE = 6 * 2 ** 20;
-
-/** The arguments that run a TypeScript file with the runtime running this test. */
-function runtimeArgs(script: string): string[] {
-  const g = globalThis as { Deno?: unknown; Bun?: unknown };
-  if (g.Deno) return ["run", "-A", "--no-check", script];
-  if (g.Bun) return [script];
-  return ["--experimental-strip-types", "--no-warnings", script];
-}
 
 interface Child {
   process: ChildProcess;

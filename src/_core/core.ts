@@ -13,7 +13,7 @@ import { followedSource } from "../_fill/follow.ts";
 import { unrefTimer } from "../_runtime.ts";
 import type { CacheStatusDetail } from "../cache_status.ts";
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
-import type { ImageStore } from "../image_store.ts";
+import type { ImageEntry, ImageStore } from "../image_store.ts";
 import { Pruner, type Reservation } from "./prune.ts";
 
 /**
@@ -192,6 +192,18 @@ function checksAtLeast(
     theirs.digest.value === digest.value.toLowerCase();
 }
 
+/**
+ * What the core tells its observers (cluster mode, src/_cluster/, keeps the
+ * shared index current with them). Called synchronously; an observer must
+ * not throw, and never blocks the core.
+ */
+export interface CoreObserver {
+  /** A fill of this process committed `entry`. */
+  committed?(entry: ImageEntry): void;
+  /** `id` was removed from the store (evicted, deleted or pruned). */
+  removed?(id: string): void;
+}
+
 /** One store's claims, fills, pruning policy and counters. */
 export class CacheCore {
   readonly store: ImageStore;
@@ -213,6 +225,8 @@ export class CacheCore {
   };
   /** The store's size policy: admission, automatic and explicit pruning. */
   readonly pruner: Pruner;
+  // Cluster mode's seam (src/_cluster/): see observe().
+  readonly #observers = new Set<CoreObserver>();
 
   constructor(store: ImageStore) {
     this.store = store;
@@ -220,7 +234,10 @@ export class CacheCore {
       store,
       busy: (id) => this.busy(id),
       received: (id) => this.joinable(id)?.written ?? 0,
-      evicted: () => this.counters.evictions++,
+      evicted: (id) => {
+        this.counters.evictions++;
+        this.#tell("removed", id);
+      },
     });
     // A store may start over its limit (other processes committed, or the
     // limit was lowered): bring it within maxSize at start, not at the first
@@ -229,6 +246,28 @@ export class CacheCore {
       this.pruner.prune().catch(() => {});
     }, 0);
     unrefTimer(timer);
+  }
+
+  /**
+   * Adds an observer of commits and removals (cluster mode's seam);
+   * returns the function that removes it.
+   */
+  observe(observer: CoreObserver): () => void {
+    this.#observers.add(observer);
+    return () => this.#observers.delete(observer);
+  }
+
+  #tell<K extends keyof CoreObserver>(
+    event: K,
+    value: Parameters<NonNullable<CoreObserver[K]>>[0],
+  ) {
+    for (const observer of this.#observers) {
+      try {
+        (observer[event] as ((value: unknown) => void) | undefined)?.(value);
+      } catch {
+        // An observer must not break the core.
+      }
+    }
   }
 
   /** The fill a new request for `id` may join. */
@@ -459,6 +498,7 @@ export class CacheCore {
       return;
     }
     counters.commits++;
+    this.#tell("committed", fill.committed);
     try {
       await this.pruner.committed(fill.committed, reservation);
     } catch (error) {
@@ -494,6 +534,7 @@ export class CacheCore {
     if (await store.delete(id)) found = true;
     if (!options.keepQueued && await store.dequeue(id)) found = true;
     this.pruner.evicted(id);
+    this.#tell("removed", id);
     return found;
   }
 

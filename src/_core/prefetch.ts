@@ -10,8 +10,23 @@ import type { CacheCore } from "./core.ts";
 import { unrefTimer } from "../_runtime.ts";
 import type { ExpectedDigest } from "../digest.ts";
 
-/** How the cache fetches a whole image from the origin (DESIGN.md §3). */
-export type FetchImage = (imageId: string, signal: AbortSignal) => Promise<Response>;
+/**
+ * How the cache fetches a whole image from the origin (DESIGN.md §3).
+ * `options.start` (cluster mode, when a peer failed mid-stream) asks for the
+ * bytes from there on: answer `206` to a `Range: bytes=start-`, or a plain
+ * `200` of the whole image (the bytes before `start` are then skipped).
+ */
+export type FetchImage = (
+  imageId: string,
+  signal: AbortSignal,
+  options?: FetchImageOptions,
+) => Promise<Response>;
+
+/** What {@linkcode FetchImage} is asked for beyond the image id. */
+export interface FetchImageOptions {
+  /** The first byte wanted (cluster mode resuming a transfer). @default {0} */
+  start?: number;
+}
 
 /** Options of {@linkcode prefetchImage}. */
 export interface PrefetchOptions {

@@ -89,8 +89,8 @@ export interface PrunerHost {
   busy(id: string): boolean;
   /** Bytes the fill of `id` under way has received (0 when none). */
   received(id: string): number;
-  /** Counted once per entry removed by pruning. */
-  evicted(): void;
+  /** Told once per entry removed by pruning. */
+  evicted(id: string): void;
 }
 
 /** The pruning policy of one store's core. */
@@ -270,7 +270,7 @@ export class Pruner {
       }
       result.files++;
       result.bytes += entry.size;
-      core.evicted();
+      core.evicted(entry.id);
     }
     result.enough = needed() <= 0;
     return result;
@@ -341,7 +341,7 @@ export class Pruner {
     return this.#exclusive(async () => {
       if (tooLarge) {
         if (await this.#store.delete(entry.id).catch(() => false)) {
-          this.#core.evicted();
+          this.#core.evicted(entry.id);
         }
         this.#set(entry.id, undefined);
         return;

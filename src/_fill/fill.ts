@@ -256,6 +256,11 @@ export class Fill {
     return this.#detached;
   }
 
+  /** The digest the body must match (`undefined`: the length alone); cluster mode sends it to peers. */
+  get expected(): ExpectedDigest | undefined {
+    return this.#init.expected;
+  }
+
   /** The algorithm the fill hashes with. */
   get algorithm(): DigestAlgorithm {
     return this.#init.expected?.algorithm ?? "md5";

@@ -7,7 +7,8 @@ import { type Context, Hono } from "hono";
 import { coreFor } from "../_core/core.ts";
 import { checkFunction, checkSize } from "../_options.ts";
 import { digestFromHeaders, type ExpectedDigest } from "../digest.ts";
-import { type AuthorizeCacheAction, cacheApi } from "../cache_api.ts";
+import { type AuthorizeCacheAction, cacheApi, type FetchImageOptions } from "../cache_api.ts";
+import type { Cluster } from "../cluster.ts";
 import { imageCache } from "../image_cache.ts";
 import type { ImageStore } from "../image_store.ts";
 import { glanceRoutes, type ImageRoute } from "../routes.ts";
@@ -86,6 +87,12 @@ export interface ProxyAppOptions {
    * @default {globalThis.fetch}
    */
   fetch?: (request: Request) => Promise<Response>;
+  /**
+   * Cluster mode (see `joinCluster`): misses read from a peer that has the
+   * image (after the access check), the origin once per image for the
+   * cluster; `GET /v2/cache/nodes/{id}` and cluster-scoped deletes.
+   */
+  cluster?: Cluster;
 }
 
 /** What {@linkcode proxyApp} builds. */
@@ -192,8 +199,15 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
   // the service token, and verified with the metadata's digest that credential sees.
   const serviceDigests = new WeakMap<Response, ExpectedDigest>();
   const basePath = upstream.pathname.replace(/\/+$/, "");
-  const fetchImage = async (imageId: string, signal: AbortSignal): Promise<Response> => {
+  const fetchImage = async (
+    imageId: string,
+    signal: AbortSignal,
+    fetchOptions?: FetchImageOptions,
+  ): Promise<Response> => {
     const serviceHeaders = new Headers({ "accept-encoding": "identity" });
+    // Cluster mode resuming a transfer a peer dropped: the rest only.
+    const start = fetchOptions?.start ?? 0;
+    const range: Record<string, string> = start > 0 ? { range: `bytes=${start}-` } : {};
     const token = typeof serviceToken === "function" ? await serviceToken() : serviceToken;
     if (token !== undefined && token !== "") serviceHeaders.set("x-auth-token", token.trim());
     const metadata = access?.check(
@@ -202,7 +216,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     );
     const response = await send(
       new Request(`${upstream.origin}${basePath}/v2/images/${encodeURIComponent(imageId)}/file`, {
-        headers: serviceHeaders,
+        headers: { ...Object.fromEntries(serviceHeaders), ...range },
         signal,
         redirect: "manual",
       }),
@@ -234,6 +248,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
         prefetchConcurrency: options.prefetchConcurrency,
         onError: options.onError,
         signal: background.signal,
+        cluster: options.cluster,
       }),
     );
   }
@@ -244,7 +259,12 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     authorize: access?.authorize,
     expectedDigest: access?.expectedDigest,
     onError: options.onError,
-    fetchImage: serviceToken === undefined ? undefined : fetchImage,
+    // Cluster mode: also the origin a transfer falls back to when a peer fails mid-stream.
+    fetchImage: serviceToken === undefined && options.cluster === undefined
+      ? undefined
+      : fetchImage,
+    fillOnRange: serviceToken !== undefined,
+    cluster: options.cluster,
   }));
   app.all("*", upstreamProxy({ upstream, headerTimeout, fetch: send }));
 

@@ -1,0 +1,187 @@
+/**
+ * Cluster mode's figures: `deno run -A scripts/bench/cluster.ts [--size 256M]`.
+ *
+ * 1. **Cold start across 3 nodes**: 3 node processes (Deno, FileSystemStore
+ *    each, one throwaway PostgreSQL) × 10 clients ask one image at once:
+ *    origin bytes / image size (target 1.0), and the last client's time /
+ *    a single node's (no cluster) cold start with 10 clients.
+ * 2. **What the index costs a hit**: 64 KiB hits, 16 at a time, on a node
+ *    in cluster mode / on a node without (target: nothing measurable).
+ *
+ * Prints one line per figure and a Markdown table.
+ *
+ * @module
+ */
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Hono } from "hono";
+import { FileSystemStore, imageCache, joinCluster } from "../../mod.ts";
+import { demoOrigin, generatedDigests } from "../../testing.ts";
+import { startPostgres } from "../../tests/_postgres.ts";
+
+const SECRET = "bench-cluster-secret-0123";
+
+/** A node of the bench: run as a child process with `--node <dir> <origin> [database]`. */
+async function runNode(dir: string, origin: string, database?: string) {
+  const store = new FileSystemStore({ directory: dir });
+  const app = new Hono();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    (request) => app.fetch(request),
+  );
+  const selfUrl = `http://127.0.0.1:${server.addr.port}`;
+  const cluster = database === undefined ? undefined : await joinCluster({
+    store,
+    database,
+    selfUrl,
+    secret: SECRET,
+    onLog: () => {},
+  });
+  app.use(imageCache({ store, cluster, onError: () => {} }));
+  app.all("*", (c) => fetch(`${origin}${c.req.path}`));
+  console.log(JSON.stringify({ port: server.addr.port }));
+}
+
+interface Child {
+  url: string;
+  process: Deno.ChildProcess;
+}
+
+async function startNode(dir: string, origin: string, database?: string): Promise<Child> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      import.meta.filename!,
+      "--node",
+      dir,
+      origin,
+      ...(database ? [database] : []),
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let output = "";
+  for (let i = 0; i < 100; i++) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    output += value;
+    const match = /\{"port":(\d+)\}/.exec(output);
+    if (match) {
+      reader.releaseLock();
+      child.stdout.cancel().catch(() => {});
+      return { url: `http://127.0.0.1:${match[1]}`, process: child };
+    }
+  }
+  throw new Error(`No port from the node: ${output}`);
+}
+
+async function drain(url: string): Promise<number> {
+  const res = await fetch(url);
+  let n = 0;
+  for await (const chunk of res.body!) n += chunk.byteLength;
+  return n;
+}
+
+/** The time (ms) until the last of `clients` requests per node has its whole body. */
+async function coldStart(nodes: Child[], clients: number, size: number): Promise<number> {
+  const started = performance.now();
+  const sizes = await Promise.all(
+    nodes.flatMap((node) =>
+      Array.from({ length: clients }, () => drain(`${node.url}/v2/images/img/file`))
+    ),
+  );
+  if (sizes.some((n) => n !== size)) throw new Error(`Short bodies: ${sizes}`);
+  return performance.now() - started;
+}
+
+/** Hits per second: `total` requests of a small image, `concurrency` at a time. */
+async function hitRate(node: Child, total: number, concurrency: number): Promise<number> {
+  await drain(`${node.url}/v2/images/small/file`);
+  await drain(`${node.url}/v2/images/small/file`);
+  let next = 0;
+  const started = performance.now();
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (next++ < total) await drain(`${node.url}/v2/images/small/file`);
+  }));
+  return total / ((performance.now() - started) / 1000);
+}
+
+function parseSize(text: string): number {
+  const match = /^(\d+)([KMG]?)$/i.exec(text);
+  if (match === null) throw new TypeError(`--size must be like 256M, received ${text}`);
+  return Number(match[1]) * 1024 ** " KMG".indexOf(match[2].toUpperCase() || " ");
+}
+
+async function main() {
+  const sizeArg = Deno.args.indexOf("--size");
+  const size = parseSize(sizeArg === -1 ? "256M" : Deno.args[sizeArg + 1]);
+  const pg = await startPostgres();
+  if (typeof pg === "string") throw new Error(pg);
+  const origin = demoOrigin({ images: { img: { size }, small: { size: 64 * 1024 } } });
+  await generatedDigests("img", size);
+  const originServer = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    origin.app.fetch,
+  );
+  const originUrl = `http://127.0.0.1:${originServer.addr.port}`;
+  const work = await mkdtemp(join(tmpdir(), "bench-cluster-"));
+  const children: Child[] = [];
+  const stopAll = async () => {
+    for (const child of children.splice(0)) {
+      child.process.kill("SIGKILL");
+      await child.process.status;
+    }
+  };
+  try {
+    // A single node, no cluster: the reference cold start.
+    children.push(await startNode(join(work, "single"), originUrl));
+    const single = await coldStart(children, 10, size);
+    const plainHits = await hitRate(children[0], 3000, 16);
+    await stopAll();
+
+    const before = origin.stats.bytesSent;
+    for (let i = 0; i < 3; i++) {
+      children.push(await startNode(join(work, `node${i}`), originUrl, pg.url));
+    }
+    const cluster = await coldStart(children, 10, size);
+    const originBytes = origin.stats.bytesSent - before;
+    const clusterHits = await hitRate(children[0], 3000, 16);
+    await stopAll();
+
+    const mib = (size / 2 ** 20).toFixed(0);
+    const rows = [
+      [
+        `cold start, 3 nodes × 10 clients, ${mib} MiB: origin bytes / image size`,
+        (originBytes / size).toFixed(2),
+        "1.0",
+      ],
+      [
+        "cold start: last client, 3 nodes × 10 / 1 node × 10 (no cluster)",
+        `${(cluster / single).toFixed(2)} (${cluster.toFixed(0)} ms / ${single.toFixed(0)} ms)`,
+        "—",
+      ],
+      [
+        "64 KiB hits, 16 at a time: cluster node / single node",
+        `${(clusterHits / plainHits).toFixed(2)} (${clusterHits.toFixed(0)} / ${
+          plainHits.toFixed(0)
+        } req/s)`,
+        "≈ 1.0",
+      ],
+    ];
+    console.log("| measure | result | target |\n| --- | --- | --- |");
+    for (const row of rows) console.log(`| ${row.join(" | ")} |`);
+  } finally {
+    await stopAll();
+    await originServer.shutdown();
+    await pg.close();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.main) {
+  if (Deno.args[0] === "--node") await runNode(Deno.args[1], Deno.args[2], Deno.args[3]);
+  else await main();
+}
