@@ -74,13 +74,13 @@ describe("npm package content check", () => {
     return Object.keys(all).sort();
   }
 
-  it("accepts ESM with relative, node: and hono imports and their .d.ts", async () => {
+  it("accepts ESM with relative, node: and hono imports and their .d.ts, and a worker's source in a string", async () => {
     await withTempDir(async (dir) => {
       const files = await pkg(dir, {
         "mod.js": '/** import x from "nope"; */\nimport { a } from "./src/a.js";\n' +
           'import { Hono } from "hono";\nimport { createHash } from "node:crypto";\n',
         "mod.d.ts": 'export * from "./src/a.js";\n',
-        "src/a.js": "export const a = 1;\n",
+        "src/a.js": 'export const a = 1;\nconst worker = `const { x } = require("node:os");`;\n',
         "src/a.d.ts": "export declare const a: number;\n",
       });
       assert.deepEqual(await checkPackage(dir, files), []);
