@@ -63,7 +63,17 @@ app.route(
       }),
   }),
 );
-app.use(imageCache({ store, onError }));
+app.use(imageCache({
+  store,
+  onError,
+  // A slow access check, as the orchestrator asks: the fill may end (or move
+  // on far past the window) while a request that joined it waits here.
+  authorize: async (c) => {
+    const delay = Number(c.req.header("x-soak-authorize-delay") ?? 0);
+    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, Math.min(delay, 5000)));
+    return true;
+  },
+}));
 app.all("*", async (c) => {
   const url = c.req.url;
   const path = url.slice(url.indexOf("/", url.indexOf("://") + 3));

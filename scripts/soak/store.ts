@@ -1,7 +1,8 @@
 /**
  * A store wrapper for the soak that injects faults at random: a writer that
  * cannot be created (EACCES), writes that fail (ENOSPC, EIO), a slow or
- * failing fsync at commit, lookups and hit opens that fail (EIO), and
+ * failing fsync at commit (half of the failures leave the store's lock
+ * behind, as a real fsync failure can), lookups and hit opens that fail (EIO), and
  * trailing reads that fail. Every fault is reported, so the orchestrator can
  * count them and explain what a client saw.
  *
@@ -92,8 +93,13 @@ export function withStoreFaults(
           return writer.read(position, length);
         },
         async commit(info) {
-          if (roll(rates.failCommit, "store-fsync-eio")) {
+          if (roll(rates.failCommit / 2, "store-fsync-eio")) {
             await writer.abort("discard");
+            throw fault("EIO", "commit");
+          }
+          if (roll(rates.failCommit / 2, "store-fsync-eio-held")) {
+            // The fsync fails and the store leaves its lock behind: the cache
+            // must not let that hold the image (every later GET "busy").
             throw fault("EIO", "commit");
           }
           // A slow fsync: the writer is settled at once (as a real commit settles it

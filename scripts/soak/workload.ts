@@ -56,6 +56,7 @@ function rangeFor(r: Rng, size: number): string {
       invalid: 1,
       garbage: 1,
       multi: 1,
+      "multi-spread": 2,
       huge: 1,
     })
   ) {
@@ -82,6 +83,13 @@ function rangeFor(r: Rng, size: number): string {
       ]);
     case "multi":
       return `bytes=0-0,${at()}-`;
+    case "multi-spread": {
+      // Parts far apart: on a fill, the later part opens after the earlier is sent.
+      const a = at();
+      const b = at();
+      const [lo, hi] = a <= b ? [a, b] : [b, a];
+      return `bytes=${lo}-${Math.min(size - 1, lo + 99)},${hi}-${Math.min(size - 1, hi + 99)}`;
+    }
     default:
       return `bytes=0-${"9".repeat(r.int(16, 30))}`;
   }
@@ -89,11 +97,12 @@ function rangeFor(r: Rng, size: number): string {
 
 /** How the client reads the body: at full speed, hanging up, with a long pause, or slowly. */
 function readingStyle(r: Rng, exp: Expectation, size: number) {
-  const style = r.weighted({ fast: 14, hangup: 2, pause: 2, slow: 1 });
+  const style = r.weighted({ fast: 14, hangup: 2, pause: 2, stall: 1, slow: 1 });
   if (style === "hangup") exp.hangUpAfter = r.int(0, Math.max(0, size));
-  else if (style === "pause") {
+  else if (style === "pause" || style === "stall") {
+    // A stall: a client that stops reading for seconds while others read the same fill.
     exp.pauseAt = r.int(0, Math.max(0, size));
-    exp.pause = r.int(200, 2500);
+    exp.pause = style === "pause" ? r.int(200, 2500) : r.int(3000, 6000);
   } else if (style === "slow") {
     exp.chunkPause = Math.max(1, Math.min(20, Math.floor(3000 / Math.max(1, size / 65536))));
   }
@@ -277,6 +286,8 @@ export class Workload {
       ]);
     }
     if (exp.method === "GET") readingStyle(r, exp, image.size);
+    // A slow access check (a hit, or joining a fill another request started).
+    if (r.chance(0.1)) headers["x-soak-authorize-delay"] = String(r.int(100, 2000));
     exp.started = Date.now();
     let judged: Judged;
     const abort = new AbortController();

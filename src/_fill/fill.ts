@@ -483,13 +483,19 @@ export class Fill {
     }
     if (this.#detached === undefined && this.state === "running") {
       const headers = init.storedHeaders;
-      this.#committing = this.#writer!.commit({
+      const writer = this.#writer!;
+      this.#committing = writer.commit({
         size,
         digest: { algorithm: this.algorithm, value: hex },
         headers,
       }).then(
         (entry) => this.committed = entry,
-        (error) => init.onError(error),
+        async (error) => {
+          init.onError(error);
+          // A store whose failed commit left the fill's lock behind must not
+          // hold the image: give it up (a no-op for a writer that settled).
+          await writer.abort("discard").catch(init.onError);
+        },
       );
       await this.#committing;
       this.#release();
