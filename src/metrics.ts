@@ -45,6 +45,7 @@ function family(
  * | `image_cache_origin_bytes_total` | counter | Bytes fills read from the origin |
  * | `image_cache_verification_failures_total` | counter | Fills whose digest or length did not match |
  * | `image_cache_commits_total` | counter | Fills committed |
+ * | `image_cache_commit_failures_total` | counter | Fills whose body verified but the store could not commit |
  * | `image_cache_evictions_total` | counter | Entries removed by pruning |
  * | `image_cache_pass_through_total{reason}` | counter | Misses not stored, by `Cache-Status` detail |
  * | `image_cache_prefetches_total{result}` | counter | Prefetch attempts: `cached` or `failed` |
@@ -114,6 +115,12 @@ export async function metricsText(store: ImageStore): Promise<string> {
       [[{}, counters.verificationFailures]],
     ),
     family("image_cache_commits_total", "counter", "Fills committed.", [[{}, counters.commits]]),
+    family(
+      "image_cache_commit_failures_total",
+      "counter",
+      "Fills whose body verified but the store could not commit.",
+      [[{}, counters.commitFailures]],
+    ),
     family("image_cache_evictions_total", "counter", "Entries removed by pruning.", [
       [{}, counters.evictions],
     ]),

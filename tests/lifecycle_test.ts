@@ -404,3 +404,60 @@ describe("automatic pruning", () => {
     await store.close();
   });
 });
+
+describe("a commit that fails", () => {
+  it("never holds the image, though the store left its lock behind, and is counted", async () => {
+    await withTempDir(async (directory) => {
+      const IMAGE = pattern(300 * 1024, 39);
+      const inner = new FileSystemStore({ directory });
+      let failNext = true;
+      // A store whose commit fails (an fsync error) and leaves its fill's lock in place.
+      const store = new Proxy(inner, {
+        get(target, key, receiver) {
+          if (key !== "createWriter") {
+            const value = Reflect.get(target, key, receiver);
+            return typeof value === "function" ? value.bind(target) : value;
+          }
+          return async (id: string, options?: object) => {
+            const writer = await target.createWriter(id, options);
+            if (typeof writer === "string") return writer;
+            return new Proxy(writer, {
+              get(w, k) {
+                if (k === "commit" && failNext) {
+                  failNext = false;
+                  return () => Promise.reject(new Error("EIO: fsync failed"));
+                }
+                const value = Reflect.get(w, k, w);
+                return typeof value === "function" ? value.bind(w) : value;
+              },
+            });
+          };
+        },
+      });
+      try {
+        const errors: unknown[] = [];
+        const app = appOver(
+          store,
+          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
+          {
+            onError: (error) => errors.push(error),
+          },
+        );
+        const first = await readBody(await app.request("/v2/images/img/file"));
+        assert.equal(first.error, undefined, "the client got every byte");
+        assertBytes(first.bytes, IMAGE);
+        assert.ok(errors.some((error) => /fsync failed/.test(String(error))));
+        assert.equal(await store.get("img"), undefined);
+        assert.match(await metricsText(store), /^image_cache_commit_failures_total 1$/m);
+        const second = await app.request("/v2/images/img/file");
+        assert.equal(second.headers.get("cache-status"), "hono-image-cache; fwd=miss; stored");
+        await readBody(second);
+        const hit = await app.request("/v2/images/img/file");
+        assert.equal(hit.headers.get("cache-status"), "hono-image-cache; hit");
+        await hit.body?.cancel();
+      } finally {
+        await inner.close();
+      }
+    });
+  });
+});

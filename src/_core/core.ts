@@ -34,6 +34,8 @@ export interface CacheCounters {
   verificationFailures: number;
   /** Fills committed. */
   commits: number;
+  /** Fills whose body verified but whose commit the store failed (fsync, rename). */
+  commitFailures: number;
   /** Entries removed by pruning. */
   evictions: number;
   /** Misses not stored, by `Cache-Status` detail. */
@@ -218,6 +220,7 @@ export class CacheCore {
     bytesFromOrigin: 0,
     verificationFailures: 0,
     commits: 0,
+    commitFailures: 0,
     evictions: 0,
     passThrough: {},
     prefetchesCached: 0,
@@ -494,6 +497,7 @@ export class CacheCore {
       counters.verificationFailures++;
     }
     if (fill.committed === undefined) {
+      if (fill.commitFailed) counters.commitFailures++;
       this.pruner.release(reservation);
       return;
     }

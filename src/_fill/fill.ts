@@ -150,6 +150,8 @@ export class Fill {
   error: FillError | undefined;
   /** The committed entry, once committed. */
   committed: ImageEntry | undefined;
+  /** Set when the body verified but the store failed to commit it (an fsync error, say). */
+  commitFailed = false;
   /** Whether the bytes come from another process's fill (not stored here). */
   readonly followed: boolean;
   /** Settles when the pump is done and the commit (if any) is over. Never rejects. */
@@ -491,6 +493,7 @@ export class Fill {
       }).then(
         (entry) => this.committed = entry,
         async (error) => {
+          this.commitFailed = true;
           init.onError(error);
           // A store whose failed commit left the fill's lock behind must not
           // hold the image: give it up (a no-op for a writer that settled).
