@@ -17,6 +17,7 @@ import {
   MemoryStore,
   metricsText,
 } from "hono-image-cache";
+import { FaultyStore } from "hono-image-cache/testing";
 import {
   assertBytes,
   hexDigest,
@@ -455,6 +456,53 @@ describe("a commit that fails", () => {
         const hit = await app.request("/v2/images/img/file");
         assert.equal(hit.headers.get("cache-status"), "hono-image-cache; hit");
         await hit.body?.cancel();
+      } finally {
+        await inner.close();
+      }
+    });
+  });
+});
+
+describe("a large fill whose store fails mid-way", () => {
+  it("still verifies its digest and gives every byte: its hash goes on from memory", async () => {
+    await withTempDir(async (directory) => {
+      // Large enough to hash in the worker, which reads the file back; the store
+      // fails after some MiB, not on a step the worker was told about.
+      const IMAGE = pattern(70 * MiB, 40);
+      const inner = new FileSystemStore({ directory });
+      const store = new FaultyStore(inner, { faults: { failWriteAfter: 11 * MiB + 600 * 1024 } });
+      try {
+        const app = appOver(
+          store,
+          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
+        );
+        const res = await app.request("/v2/images/img/file");
+        const { bytes, error } = await readBody(res);
+        assert.equal(error, undefined, "the digest verified: no cut");
+        assertBytes(bytes, IMAGE);
+        assert.equal(await inner.get("img"), undefined, "nothing committed");
+      } finally {
+        await inner.close();
+      }
+    });
+  });
+});
+
+describe("a small fill on a store whose reads fail", () => {
+  it("hashes the bytes in hand, so no read-back fault fails it", async () => {
+    await withTempDir(async (directory) => {
+      const IMAGE = pattern(3 * MiB, 41);
+      const inner = new FileSystemStore({ directory });
+      const store = new FaultyStore(inner, { faults: { failRead: true } });
+      try {
+        const app = appOver(
+          store,
+          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
+        );
+        const { bytes, error } = await readBody(await app.request("/v2/images/img/file"));
+        assert.equal(error, undefined);
+        assertBytes(bytes, IMAGE);
+        assert.ok(await inner.get("img"), "committed");
       } finally {
         await inner.close();
       }

@@ -209,7 +209,6 @@ export class Fill {
     this.expectedLength = init.expectedLength;
     this.followed = init.followed ?? false;
     const path = init.writer?.path;
-    this.#hashFromFile = path !== undefined;
     this.#hash = fillHash(
       init.expected?.algorithm ?? "md5",
       init.expectedLength,
@@ -218,6 +217,8 @@ export class Fill {
         read: (position, length) => init.writer!.read(position, length),
       },
     );
+    // Only a worker reads the file back; on this thread, hashing the chunks in hand is cheaper.
+    this.#hashFromFile = path !== undefined && this.#hash.readsFile;
     this.#source = init.source.getReader();
     this.#newTick();
     this.released = new Promise((resolve) => this.#release = resolve);
@@ -366,15 +367,21 @@ export class Fill {
    * window (it keeps every byte the store does not hold), and go from there.
    */
   #feedHash(last = false) {
-    if (this.#hashFromFile && this.#detached === undefined) {
-      if (last) {
-        // The end: every byte is in the file (the write loop is done).
-        this.#hash.fromFile(this.#durable);
-        this.#hashed = this.#durable;
+    if (this.#hashFromFile) {
+      if (this.#detached === undefined) {
+        if (last) {
+          // The end: every byte is in the file (the write loop is done).
+          this.#hash.fromFile(this.#durable);
+          this.#hashed = this.#durable;
+        }
+        return;
       }
-      return;
+      // The fill stopped storing: the file still holds every byte written (the hash
+      // reads it through its own open handle); the rest comes from memory.
+      this.#hash.fromFile(this.#durable);
+      this.#hashed = this.#durable;
+      this.#hashFromFile = false;
     }
-    this.#hashFromFile = false;
     for (const chunk of this.#window) {
       const end = chunk.offset + chunk.bytes.byteLength;
       if (end <= this.#hashed) continue;

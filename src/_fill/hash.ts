@@ -54,6 +54,12 @@ export interface HashSource {
  * ({@linkcode fromFile}) or from memory ({@linkcode update}), in any mix.
  */
 export interface FillHash {
+  /**
+   * Whether this hash reads bytes back from the file off the main thread
+   * (then the fill tells it {@linkcode fromFile} how far the file holds
+   * them); otherwise the fill hands it the bytes.
+   */
+  readonly readsFile: boolean;
   /** Bytes from what was fed so far up to `end` are in the file: hash them from there. */
   fromFile(end: number): void;
   /** The next bytes (not kept: copied or hashed at once). */
@@ -111,6 +117,7 @@ export function stopIdleHashWorker(): void {
  * {@linkcode ready} holds the fill while they exceed {@linkcode HASH_AHEAD}).
  */
 class InlineHash implements FillHash {
+  readonly readsFile = false;
   #hash: Hash;
   #source: HashSource | undefined;
   /** Bytes hashed. */
@@ -156,7 +163,13 @@ class InlineHash implements FillHash {
       while (this.#at < this.#fileEnd) {
         if (source === undefined) throw new Error("Bytes to hash are in a file no one can read");
         const length = Math.min(READ_BACK, this.#fileEnd - this.#at);
-        const bytes = await source.read(this.#at, length);
+        const at = this.#at;
+        // One retry: a transient read fault should not fail the fill.
+        const bytes = await source.read(at, length).catch(() =>
+          new Promise<Uint8Array>((resolve, reject) =>
+            setTimeout(() => source.read(at, length).then(resolve, reject), 10)
+          )
+        );
         if (bytes.byteLength === 0) throw new Error(`Cannot read back byte ${this.#at} to hash it`);
         this.#hash.update(bytes);
         this.#at += bytes.byteLength;
@@ -405,6 +418,8 @@ class HashWorker {
  */
 class WorkerHash implements FillHash {
   #worker: HashWorker;
+  /** Whether the worker reads the file (a store that writes one), rather than copies. */
+  readonly readsFile: boolean;
   #id: number;
   #algorithm: string;
   #source: HashSource | undefined;
@@ -434,6 +449,7 @@ class WorkerHash implements FillHash {
 
   constructor(worker: HashWorker, algorithm: string, source: HashSource | undefined) {
     this.#worker = worker;
+    this.readsFile = source !== undefined;
     this.#algorithm = algorithm;
     this.#source = source;
     this.#result = new Promise((resolve, reject) => {

@@ -117,6 +117,7 @@ export class FaultyStore implements ImageStore {
     let written = 0;
     const faults = () => this.faults;
     return {
+      path: inner.path,
       async write(chunk) {
         const limit = faults().failWriteAfter;
         if (limit !== undefined && written + chunk.byteLength > limit) {
