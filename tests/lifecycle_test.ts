@@ -233,6 +233,28 @@ describe("two processes on one cache directory", () => {
     });
   });
 
+  it("serves its own origin answer, without a digest of its own, rather than another process's fill", async () => {
+    const corrupt = IMAGE.slice();
+    corrupt[IMAGE.byteLength - 5000] ^= 0xff;
+    await withTwo(async (a, b) => {
+      // The owner's origin sends corrupt bytes with the true checksum: the owner fails at
+      // the end. The follower's answer has no checksum: it could not tell the bytes apart.
+      const owner = appOver(
+        a,
+        origin(IMAGE, { delay: 1, bytes: corrupt, headers: { "content-md5": MD5 } }).respond,
+      );
+      const follower = appOver(b, origin(IMAGE).respond);
+      const filling = await owner.request("/v2/images/img/file");
+      await sleep(50);
+      const second = await follower.request("/v2/images/img/file");
+      assert.equal(second.headers.get("cache-status"), "hono-image-cache; fwd=miss; detail=busy");
+      const two = await readBody(second);
+      assert.equal(two.error, undefined);
+      assertBytes(two.bytes, IMAGE);
+      assert.ok((await readBody(filling)).error, "the owner's own client is cut");
+    });
+  });
+
   it("serves its own origin answer, not another process's fill that checks another digest", async () => {
     const corrupt = IMAGE.slice();
     corrupt[1000] ^= 0xff;

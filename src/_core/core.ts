@@ -179,17 +179,21 @@ export function contentLength(headers: Headers): number | undefined {
 }
 
 /**
- * Whether another process's fill, verified against `theirs`, checks at least
- * what this answer would be checked against (its length, its digest): then
- * its commit proves its bytes to this answer too.
+ * Whether this answer may take its bytes from another process's fill
+ * verified against `theirs`: only when this answer has a digest of its own
+ * (its own check then covers every byte, whatever their source) and the
+ * other fill checks at least as much (the same length and digest, so its
+ * commit proves the bytes to this answer too). An answer without a digest
+ * could not tell the bytes of a fill that fails from right ones: it is
+ * served itself.
  */
 function checksAtLeast(
   theirs: { size?: number; digest?: { algorithm: string; value: string } } | undefined,
   size: number | undefined,
   digest: ExpectedDigest | undefined,
 ): boolean {
+  if (digest === undefined) return false;
   if (size !== undefined && theirs?.size !== size) return false;
-  if (digest === undefined) return true;
   return theirs?.digest?.algorithm === digest.algorithm &&
     theirs.digest.value === digest.value.toLowerCase();
 }
