@@ -47,7 +47,7 @@ function family(
  * | `image_cache_commits_total` | counter | Fills committed |
  * | `image_cache_evictions_total` | counter | Entries removed by pruning |
  * | `image_cache_pass_through_total{reason}` | counter | Misses not stored, by `Cache-Status` detail |
- * | `image_cache_prefetches_total{result}` | counter | Prefetch attempts: `cached` or `failed` |
+ * | `image_cache_prefetches_total{result}` | counter | Prefetch attempts: `cached` or `failed`; `gave_up`: images tried no more |
  * | `image_cache_fills_in_progress` | gauge | Fills under way in this process |
  * | `image_cache_size_bytes` | gauge | Bytes of committed entries |
  * | `image_cache_reserved_bytes` | gauge | Bytes reserved by fills under way |
@@ -126,6 +126,7 @@ export async function metricsText(store: ImageStore): Promise<string> {
     family("image_cache_prefetches_total", "counter", "Prefetch attempts, by result.", [
       [{ result: "cached" }, counters.prefetchesCached],
       [{ result: "failed" }, counters.prefetchesFailed],
+      [{ result: "gave_up" }, counters.prefetchesGaveUp],
     ]),
     family("image_cache_fills_in_progress", "gauge", "Fills under way in this process.", [
       [{}, core.filling().length],
