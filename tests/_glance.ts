@@ -32,6 +32,8 @@ export interface GlanceOptions {
    * one it sees but may not download: 403. Without `tokens`, no auth.
    */
   tokens?: Record<string, "all" | string[] | TokenRights>;
+  /** Image data without credentials (a public download), metadata still with them. */
+  publicData?: boolean;
   /** Changes the metadata the upstream announces for an image. */
   metadata?: (id: string, fields: Record<string, unknown>) => Record<string, unknown>;
   /** More routes, before the demo origin's. */
@@ -51,6 +53,8 @@ export interface Glance {
   downloads: Record<string, number>;
   /** Every request seen, as `METHOD path`. */
   requests: string[];
+  /** The `X-Request-Id` of every request seen that had one. */
+  requestIds: string[];
   /** Ids whose bytes are corrupted (one byte flipped) and sent without `Content-MD5`. */
   corrupt: Set<string>;
   /** While set, every request is answered with this status (an outage behind a load balancer). */
@@ -69,6 +73,7 @@ export async function startGlance(options: GlanceOptions): Promise<Glance> {
   let probeCalls = 0;
   const glance = {
     requests: [] as string[],
+    requestIds: [] as string[],
     corrupt: new Set<string>(),
     failWith: undefined as number | undefined,
     downloads: {} as Record<string, number>,
@@ -76,6 +81,8 @@ export async function startGlance(options: GlanceOptions): Promise<Glance> {
   const app = new Hono();
   app.use("*", async (c, next) => {
     glance.requests.push(`${c.req.method} ${new URL(c.req.url).pathname}`);
+    const requestId = c.req.header("x-request-id");
+    if (requestId !== undefined) glance.requestIds.push(requestId);
     if (glance.failWith !== undefined) return c.text("Service unavailable", glance.failWith as 503);
     await next();
   });
@@ -115,7 +122,7 @@ export async function startGlance(options: GlanceOptions): Promise<Glance> {
       await next();
     };
     app.use("/v2/images/:id", guard(false));
-    app.use("/v2/images/:id/file", guard(true));
+    if (!options.publicData) app.use("/v2/images/:id/file", guard(true));
   }
   // Glance refuses the data of a deactivated image to non-admins (403).
   app.get("/v2/images/:id/file", async (c, next) => {
