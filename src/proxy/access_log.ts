@@ -244,6 +244,11 @@ export interface RequestObserverOptions {
   routes: readonly ImageRoute[];
   /** Peers whose `X-Forwarded-For` names the client. */
   trusted?: (peer: string) => boolean;
+  /** A body that failed after the headers (the connection is cut): why, and which request. */
+  onCut?: (
+    error: unknown,
+    request: { id: string; method: string; path: string; imageId?: string },
+  ) => void;
 }
 
 /**
@@ -252,7 +257,7 @@ export interface RequestObserverOptions {
  * counting body bytes without buffering.
  */
 export function requestObserver(options: RequestObserverOptions): MiddlewareHandler {
-  const { onLog, logHits, metrics, routes, trusted } = options;
+  const { onLog, logHits, metrics, routes, trusted, onCut } = options;
   return async function requestObserver(c: Context, next) {
     const time = new Date();
     const start = performance.now();
@@ -347,6 +352,16 @@ export function requestObserver(options: RequestObserverOptions): MiddlewareHand
           result = await reader.read();
         } catch (error) {
           end("error");
+          try {
+            onCut?.(error, {
+              id: notes.id,
+              method,
+              path,
+              imageId: matchRoute(routes, method, path)?.id,
+            });
+          } catch {
+            // A failing logger must not fail the request.
+          }
           controller.error(error);
           return;
         }

@@ -307,7 +307,24 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     });
 
   const app = new Hono();
-  app.use(requestObserver({ onLog, logHits: options.logHits ?? true, metrics, routes, trusted }));
+  app.use(requestObserver({
+    onLog,
+    logHits: options.logHits ?? true,
+    metrics,
+    routes,
+    trusted,
+    onCut: (error, request) =>
+      emit({
+        level: "warn",
+        event: "response-cut",
+        imageId: request.imageId,
+        requestId: request.id,
+        message: `The response to ${request.method} ${request.path} was cut before its end: ${
+          describeError(error)
+        }`,
+        error,
+      }),
+  }));
 
   let stopping = false;
   if (options.health ?? true) {
