@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { Server as NetServer, type Socket } from "node:net";
 import { RUNTIME } from "../_runtime.ts";
 
 /** A `fetch` handler with the server's per-request value (Deno's info, Bun's server...). */
@@ -45,10 +46,16 @@ interface BunServer {
 }
 interface NodeServer {
   address(): { address: string; port: number } | string | null;
-  close(callback?: (error?: Error) => void): void;
-  closeIdleConnections?(): void;
   once(event: "error", listener: (error: Error) => void): void;
   once(event: "listening", listener: () => void): void;
+  on(event: "connection", listener: (socket: Socket) => void): void;
+  on(
+    event: "request",
+    listener: (
+      request: { socket: Socket },
+      response: { on(event: "close", f: () => void): void },
+    ) => void,
+  ): void;
 }
 
 const runtime = globalThis as unknown as {
@@ -124,22 +131,55 @@ export async function listen(
     created.once("error", reject);
     created.once("listening", () => resolve(created));
   });
+  // A graceful close that loses no byte: http.Server's close() destroys the connections it
+  // deems idle, and a response whose end() was called is "idle" while its last bytes are
+  // still on their way. Here a connection is ended (a FIN after its data) once it has had no
+  // response under way for a second: a client still reading the end of a body (Node 22's
+  // fetch gives up on a FIN it sees before the last bytes it has not read) has read it by then.
+  const idleSince = new Map<Socket, number>(); // 0: a response under way
+  server.on("connection", (socket) => {
+    idleSince.set(socket, Date.now());
+    socket.once("close", () => idleSince.delete(socket));
+  });
+  const under = new Map<Socket, number>();
+  server.on("request", (request, response) => {
+    const socket = request.socket;
+    under.set(socket, (under.get(socket) ?? 0) + 1);
+    idleSince.set(socket, 0);
+    response.on("close", () => {
+      const left = (under.get(socket) ?? 1) - 1;
+      under.set(socket, left);
+      if (left === 0) idleSince.set(socket, Date.now());
+    });
+  });
   const address = server.address();
   return {
     hostname: typeof address === "object" && address !== null ? address.address : hostname,
     port: typeof address === "object" && address !== null ? address.port : port,
     close: () =>
       new Promise<void>((resolve) => {
-        // A connection becomes idle once its response ended: close those as they appear.
-        const timer = setInterval(() => server.closeIdleConnections?.(), 100);
-        server.close(() => {
+        const endIdle = () => {
+          const now = Date.now();
+          for (const [socket, since] of idleSince) {
+            if (since !== 0 && now - since >= IDLE_GRACE) {
+              idleSince.delete(socket);
+              socket.end();
+            }
+          }
+        };
+        const timer = setInterval(endIdle, 100);
+        // net.Server's close: stop listening, call back once every connection has ended.
+        NetServer.prototype.close.call(server as unknown as NetServer, () => {
           clearInterval(timer);
           resolve();
         });
-        server.closeIdleConnections?.();
+        endIdle();
       }),
   };
 }
+
+/** Milliseconds a connection stays open after its last response, once closing. */
+const IDLE_GRACE = 1000;
 
 /**
  * On Node, a body that fails is cut by destroying the response (what
