@@ -7,7 +7,7 @@
  * @module
  */
 import { digestFromHeaders, type ExpectedDigest, isDigestAlgorithm } from "../digest.ts";
-import { askUpstream, UpstreamFailure } from "./_shared.ts";
+import { askUpstream, credentialsOf, UpstreamFailure } from "./_shared.ts";
 
 /** How to reach Glance. */
 export interface GlanceEndpoint {
@@ -106,8 +106,10 @@ export class DigestUnknown extends Error {
 }
 
 /**
- * The digest a fill of `imageId` must match, from Glance's metadata, asked
- * with `credentials`; when they are refused (401/403) and a service
+ * The digest a fill of `imageId` (the origin's `response`) must match, from
+ * Glance's metadata (`first`, when it was asked already), asked with the
+ * credentials `from` carries (the `names` headers of a client's request,
+ * or all of a `Headers`); when they are refused (401/403) and a service
  * credential is given, with it. A `404` means an origin without Glance's
  * metadata route (Glance itself answers a download it would 404 with 404
  * too): the answer's own `Content-MD5` then.
@@ -119,11 +121,14 @@ export class DigestUnknown extends Error {
 export async function fillDigest(
   endpoint: GlanceEndpoint,
   imageId: string,
-  responseHeaders: Headers,
-  credentials: Headers,
+  response: Response,
+  from: Request | Headers,
+  names: readonly string[],
   service: (() => Promise<Headers | undefined>) | undefined,
   first?: Promise<MetadataAnswer>,
 ): Promise<ExpectedDigest | undefined> {
+  const responseHeaders = response.headers;
+  const credentials = from instanceof Headers ? from : credentialsOf(from.headers, names);
   let answer = await (first ?? imageMetadata(endpoint, credentials, imageId));
   if (answer.kind === "refused" && (answer.status === 401 || answer.status === 403)) {
     const headers = await service?.();

@@ -496,15 +496,8 @@ export function glanceAccessCheck(options: GlanceAccessCheckOptions): GlanceAcce
   };
 
   const expectedDigest = (c: Context, response: Response) => {
-    const match = matchRoute(routes, c.req.method, requestPath(c.req.url));
-    const imageId = match?.id ?? "";
-    return fillDigest(
-      endpoint,
-      imageId,
-      response.headers,
-      credentialsOf(c.req.raw.headers, credentialNames),
-      service,
-    );
+    const imageId = matchRoute(routes, c.req.method, requestPath(c.req.url))?.id ?? "";
+    return fillDigest(endpoint, imageId, response, c.req.raw, credentialNames, service);
   };
 
   return {

@@ -451,7 +451,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     }
     serviceDigests.set(
       answer,
-      () => fillDigest(endpoint, imageId, answer.headers, headers, undefined, metadata),
+      () => fillDigest(endpoint, imageId, answer, headers, [], undefined, metadata),
     );
     return answer;
   };
@@ -465,14 +465,8 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     if (own !== undefined) return own();
     const imageId = imageOf(c);
     if (imageId === undefined) return digestFromHeaders(response.headers);
-    return fillDigest(
-      endpoint,
-      imageId,
-      response.headers,
-      credentialsOf(c.req.raw.headers, credentialNames),
-      service,
-      clientMetadata.get(c.req.raw),
-    );
+    const first = clientMetadata.get(c.req.raw);
+    return fillDigest(endpoint, imageId, response, c.req.raw, credentialNames, service, first);
   };
 
   const background = new AbortController();
