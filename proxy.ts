@@ -7,12 +7,14 @@
  *   both ways, `502` when the upstream cannot be reached, `504` when it sends
  *   no headers in time, redirects passed through).
  * - {@linkcode glanceAccessCheck}: before a cached image is served, asks the
- *   upstream `GET /v2/images/{id}` with the client's own credentials (the
- *   answer is cached briefly per credential and image), and verifies fills
- *   with the `os_hash_algo` / `os_hash_value` that metadata announces.
- * - {@linkcode proxyApp}: both, with the cache, the management API behind an
- *   admin check and an access log, as one Hono app. `deno task serve` is a
- *   command line around it.
+ *   upstream what Glance would decide for a download with the client's own
+ *   credentials (the first byte of `GET /v2/images/{id}/file`; the answer is
+ *   cached briefly per credential and image), and verifies fills with the
+ *   `os_hash_algo` / `os_hash_value` that metadata announces.
+ * - {@linkcode proxyApp}: both, with the cache, the management API and the
+ *   metrics behind tokens, health probes, an access log and events, as one
+ *   Hono app. `deno task serve` (and the npm package's `hono-image-cache
+ *   serve`) is a command line around it.
  *
  * Runtime-neutral: web `fetch`, `Request`, `Response` and streams, plus
  * `node:crypto`.
@@ -37,8 +39,8 @@ export type {
   GlanceAccessCheck,
   GlanceAccessCheckOptions,
 } from "./src/proxy/access_check.ts";
-export { formatAccessLog } from "./src/proxy/access_log.ts";
-export type { AccessLogEntry } from "./src/proxy/access_log.ts";
+export { formatAccessLog, formatProxyEvent } from "./src/proxy/access_log.ts";
+export type { AccessLogEntry, LogFormat, ProxyEvent } from "./src/proxy/access_log.ts";
 export { adminTokenCheck } from "./src/proxy/admin.ts";
 export { proxyApp } from "./src/proxy/app.ts";
 export type { ProxyApp, ProxyAppOptions } from "./src/proxy/app.ts";

@@ -12,11 +12,15 @@
  * 2. The tarball is unpacked into `npm/` and its package.json rewritten for
  *    npm: the name `hono-image-cache` (deno.json's name is JSR's scoped one),
  *    `hono` as a peer dependency (never bundled), `postgres` as an optional
- *    one (cluster mode loads it on demand), exports with types,
- *    engines, license, repository, keywords, `sideEffects: false`.
+ *    one (cluster mode loads it on demand), `@hono/node-server` (the
+ *    command's server on Node) as a dependency, exports with types, the
+ *    `hono-image-cache` command as a `bin` (`bin/hono-image-cache.js`, which
+ *    runs the `./cli` export on Node 22+ and Bun), engines, license,
+ *    repository, keywords.
  * 3. `npm pack` makes `npm/hono-image-cache-<version>.tgz`, and its file
  *    list is checked: ESM JavaScript, `.d.ts` for every public module,
- *    README, LICENSE, no tests; every import is relative, `hono` or `node:*`.
+ *    README, LICENSE, no tests; every import is relative, `node:*`, `hono`
+ *    or a declared dependency; the `bin` exists and starts with a shebang.
  * 4. `deno publish --dry-run` proves the source has no slow types, so the
  *    same package is ready for JSR (skip with `--no-publish-check`).
  *
@@ -39,6 +43,16 @@ const NODE_ENGINES = ">=22";
 const PEERS = new Set(["hono", "postgres"]);
 /** Peers only some users need: `postgres` is loaded in cluster mode only (src/_cluster/). */
 const OPTIONAL_PEERS = ["postgres"];
+/** The command the package installs, and the file that runs it. */
+const BIN = { name: NPM_NAME, file: "bin/hono-image-cache.js" };
+/** What the `bin` file holds: the `./cli` export, run with the process's arguments. */
+const BIN_SOURCE = `#!/usr/bin/env node
+// The hono-image-cache command (serve, cache-manage) on Node 22+ and Bun; see src/proxy/cli.js.
+import process from "node:process";
+import { main } from "../src/proxy/cli.js";
+
+process.exit(await main(process.argv.slice(2)));
+`;
 const KEYWORDS = [
   "hono",
   "middleware",
@@ -108,6 +122,14 @@ export async function checkPackage(directory: string, files: string[]): Promise<
     if (!has.has(need)) problems.push(`missing ${need}`);
   }
   const pkg = JSON.parse(await readFile(join(directory, "package.json"), "utf8"));
+  const dependencies = new Set(Object.keys(pkg.dependencies ?? {}));
+  for (const [name, target] of Object.entries((pkg.bin ?? {}) as Record<string, string>)) {
+    const file = target.replace(/^\.\//, "");
+    if (!has.has(file)) problems.push(`bin "${name}" points to missing ${target}`);
+    else if (!(await readFile(join(directory, file), "utf8")).startsWith("#!/usr/bin/env node\n")) {
+      problems.push(`bin "${name}" (${target}) does not start with #!/usr/bin/env node`);
+    }
+  }
   for (const [subpath, target] of Object.entries(pkg.exports as Record<string, ExportTarget>)) {
     for (const file of [target.import, target.types]) {
       if (!has.has(file.replace(/^\.\//, ""))) {
@@ -140,12 +162,23 @@ export async function checkPackage(directory: string, files: string[]): Promise<
         if (!has.has(wanted)) {
           problems.push(`${file} imports "${spec}" but ${wanted} is not packed`);
         }
-      } else if (!spec.startsWith("node:") && !PEERS.has(spec.split("/")[0])) {
-        problems.push(`${file} imports "${spec}" (only relative, node:* and peers are allowed)`);
+      } else if (
+        !spec.startsWith("node:") && !PEERS.has(spec.split("/")[0]) &&
+        !dependencies.has(packageName(spec))
+      ) {
+        problems.push(
+          `${file} imports "${spec}" (only relative, node:*, peers and dependencies are allowed)`,
+        );
       }
     }
   }
   return problems;
+}
+
+/** The package a bare specifier names: `@scope/name` or `name`. */
+function packageName(spec: string): string {
+  const parts = spec.split("/");
+  return spec.startsWith("@") ? parts.slice(0, 2).join("/") : parts[0];
 }
 
 /**
@@ -228,6 +261,8 @@ export async function buildNpm(options: BuildOptions = {}): Promise<BuildResult>
       await rm(join(OUT, file));
     }
   }
+  await mkdir(join(OUT, "bin"), { recursive: true });
+  await writeFile(join(OUT, BIN.file), BIN_SOURCE, { mode: 0o755 });
   const packedFiles = await listFiles(OUT);
   const denoPkg = JSON.parse(await readFile(join(OUT, "package.json"), "utf8"));
   const dependencies: Record<string, string> = {};
@@ -257,10 +292,12 @@ export async function buildNpm(options: BuildOptions = {}): Promise<BuildResult>
     homepage: `${REPOSITORY}#readme`,
     bugs: { url: `${REPOSITORY}/issues` },
     type: "module",
-    sideEffects: false,
+    // The bin runs the command when imported; the library's modules have no side effects.
+    sideEffects: [`./${BIN.file}`],
     main: exports["."].import,
     types: exports["."].types,
     exports,
+    bin: { [BIN.name]: `./${BIN.file}` },
     files: included,
     engines: { node: NODE_ENGINES },
     ...(Object.keys(dependencies).length > 0 ? { dependencies } : {}),

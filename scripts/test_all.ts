@@ -8,7 +8,10 @@
  *    `@types/node`, and gets a copy of tests/ (less tests/internal/ and tests/npm/).
  * 3. **Checks in that project** (tests/npm/): the smoke test (imageCache +
  *    FileSystemStore, a multi-MiB image downloaded twice over HTTP) on Node 22,
- *    Node 24, Bun and Deno; `require()` on Node 22, 24 and Bun; `tsc --noEmit`
+ *    Node 24, Bun and Deno; the `hono-image-cache` command (the package's
+ *    `bin`: serve in front of its demo Glance, a miss, a hit, a 401, a
+ *    download drained on SIGTERM, exit 0) on Node 22, Node 24 and Bun;
+ *    `require()` on Node 22, 24 and Bun; `tsc --noEmit`
  *    of a TypeScript consumer with moduleResolution node16 and bundler, and
  *    once more in a project without `@types/node` (TypeScript's default
  *    `types`, `nodenext`, `skipLibCheck: false`): no runtime's types leak
@@ -455,6 +458,12 @@ async function runChecks(
     const run = await exec(bin, args, { cwd: project, timeout: CHECK_TIMEOUT });
     const line = run.output.match(/smoke ok on [^:]+: (.*), md5/)?.[1] ?? "";
     check(`smoke ${LABEL[runtime]} (npm package)`, run, line);
+  }
+  for (const runtime of ["node22", "node24", "bun"] as const) {
+    const bin = bins[runtime];
+    if (bin === undefined) continue;
+    const run = await exec(bin, ["bin.mjs"], { cwd: project, timeout: CHECK_TIMEOUT });
+    check(`bin ${LABEL[runtime]} (hono-image-cache serve)`, run);
   }
   for (const runtime of ["node22", "node24", "bun"] as const) {
     const bin = bins[runtime];

@@ -77,6 +77,12 @@ export interface CacheApiOptions {
    */
   prefetchRetryDelay?: number;
   /**
+   * Failed prefetch attempts after which a queued image is tried no more:
+   * it stays queued, its status says `gave_up`, until it is queued again.
+   * @default {Infinity}
+   */
+  prefetchMaxAttempts?: number;
+  /**
    * The digest a prefetched answer must match.
    * @default {`Content-MD5` (hex or base64), else `x-image-meta-checksum`, as MD5}
    */
@@ -249,6 +255,14 @@ export function cacheApi(options: CacheApiOptions): Hono {
     options.prefetchRetryDelay,
     1000,
   );
+  const maxAttempts = options.prefetchMaxAttempts ?? Infinity;
+  if (typeof maxAttempts !== "number" || !(maxAttempts >= 1)) {
+    throw new RangeError(
+      `Cannot create cacheApi: "prefetchMaxAttempts" must be a number of at least 1, received ${
+        JSON.stringify(maxAttempts)
+      }`,
+    );
+  }
   const cleanInterval = checkSize("cacheApi", "cleanInterval", options.cleanInterval, 3_600_000);
   const metricsPath = options.metricsPath ?? "/metrics";
   if (metricsPath !== false && (typeof metricsPath !== "string" || !metricsPath.startsWith("/"))) {
@@ -314,6 +328,7 @@ export function cacheApi(options: CacheApiOptions): Hono {
       concurrency,
       retryDelay,
       maxRetryDelay: Math.max(retryDelay, MAX_RETRY_DELAY),
+      maxAttempts,
       expectedDigest: cluster === undefined
         ? expectedDigest
         : (response) => cluster.peerDigest(response, digest),
@@ -423,7 +438,8 @@ export function cacheApi(options: CacheApiOptions): Hono {
       queued,
       attempts: failure?.attempts ?? 0,
       last_error: failure?.reason ?? null,
-      next_attempt: failure === undefined ? null : failure.next / 1000,
+      next_attempt: failure === undefined || failure.gaveUp ? null : failure.next / 1000,
+      gave_up: failure?.gaveUp ?? false,
     };
     if (entry !== undefined) {
       return c.json({ ...record(entry), state: "cached", bytes: entry.size, ...common });

@@ -48,7 +48,7 @@ function family(
  * | `image_cache_commit_failures_total` | counter | Fills whose body verified but the store could not commit |
  * | `image_cache_evictions_total` | counter | Entries removed by pruning |
  * | `image_cache_pass_through_total{reason}` | counter | Misses not stored, by `Cache-Status` detail |
- * | `image_cache_prefetches_total{result}` | counter | Prefetch attempts: `cached` or `failed` |
+ * | `image_cache_prefetches_total{result}` | counter | Prefetch attempts: `cached` or `failed`; `gave_up`: images tried no more |
  * | `image_cache_fills_in_progress` | gauge | Fills under way in this process |
  * | `image_cache_size_bytes` | gauge | Bytes of committed entries |
  * | `image_cache_reserved_bytes` | gauge | Bytes reserved by fills under way |
@@ -133,6 +133,7 @@ export async function metricsText(store: ImageStore): Promise<string> {
     family("image_cache_prefetches_total", "counter", "Prefetch attempts, by result.", [
       [{ result: "cached" }, counters.prefetchesCached],
       [{ result: "failed" }, counters.prefetchesFailed],
+      [{ result: "gave_up" }, counters.prefetchesGaveUp],
     ]),
     family("image_cache_fills_in_progress", "gauge", "Fills under way in this process.", [
       [{}, core.filling().length],

@@ -175,8 +175,12 @@ describe("cache-manage CLI", { skip }, () => {
         env: {},
         isTTY: false,
       };
-      assert.equal(await main(["--url", url, "--token", "wrong", "list-cached"], io), 1);
-      assert.match(stderr, /^Error: Forbidden: GET \/v2\/cache was refused .*Check --token/);
+      const wrong = { ...io, env: { IMAGE_CACHE_TOKEN: "wrong" } };
+      assert.equal(await main(["--url", url, "list-cached"], wrong), 1);
+      assert.match(
+        stderr,
+        /^Error: Forbidden: GET \/v2\/cache was refused .*Check IMAGE_CACHE_TOKEN/,
+      );
 
       const dead = await startServer(() => new Response());
       const deadUrl = dead.url;
@@ -207,10 +211,12 @@ describe("cache-manage CLI", { skip }, () => {
     await withServer(async (url, managed) => {
       await admin(managed.app, "PUT", "/v2/cache/img2");
       await waitFor(async () => (await cachedIds(managed.app)).includes("img2"));
-      const ok = await program(["--url", url, "--token", "admin", "list-cached"]);
+      const ok = await program(["--url", url, "list-cached"], "", { IMAGE_CACHE_TOKEN: "admin" });
       assert.equal(ok.code, 0, ok.stderr);
       assert.match(ok.stdout, /img2/);
-      const refused = await program(["--url", url, "--token", "wrong", "list-cached"]);
+      const refused = await program(["--url", url, "list-cached"], "", {
+        IMAGE_CACHE_TOKEN: "wrong",
+      });
       assert.equal(refused.code, 1);
       assert.match(refused.stderr, /Forbidden/);
       const confirmed = await program(
@@ -228,7 +234,7 @@ describe("cache-manage CLI", { skip }, () => {
 function program(args: string[], input = "", env: Record<string, string> = {}): Promise<Run> {
   const runtime = globalThis as { Deno?: unknown; Bun?: unknown };
   const command = runtime.Deno !== undefined
-    ? ["run", "--allow-net", "--allow-env", SCRIPT]
+    ? ["run", "--allow-net", "--allow-env", "--allow-read", SCRIPT]
     : runtime.Bun !== undefined
     ? [SCRIPT]
     : ["--experimental-strip-types", "--no-warnings", SCRIPT];

@@ -420,13 +420,17 @@ describe("the proxy CLI in cluster mode", { skip: serveSkip }, () => {
         "127.0.0.1:0",
         "--cache-dir",
         dir,
-        "--cluster-db",
-        "postgres://cache:hunter2@127.0.0.1:1/index",
         "--self-url",
         "http://127.0.0.1:9",
-        "--cluster-secret",
-        SECRET,
-      ], { stdio: ["ignore", "pipe", "pipe"] });
+      ], {
+        stdio: ["ignore", "pipe", "pipe"],
+        // Secrets from the environment, never from the command line.
+        env: {
+          ...process.env,
+          IMAGE_CACHE_CLUSTER_DB: "postgres://cache:hunter2@127.0.0.1:1/index",
+          IMAGE_CACHE_CLUSTER_SECRET: SECRET,
+        },
+      });
       let stderr = "";
       child.stderr!.on("data", (data) => stderr += String(data));
       child.stdout!.resume();
@@ -442,10 +446,11 @@ describe("the proxy CLI in cluster mode", { skip: serveSkip }, () => {
     });
   });
 
-  it("refuses cluster flags without the database, and a short secret", async () => {
-    const run = async (args: string[]) => {
+  it("refuses cluster flags without the database, a short secret, and secrets on the command line", async () => {
+    const run = async (args: string[], env: Record<string, string> = {}) => {
       const child = spawn(process.execPath, ["run", "-A", "--no-check", SERVE, ...args], {
         stdio: ["ignore", "ignore", "pipe"],
+        env: { ...process.env, ...env },
       });
       let stderr = "";
       child.stderr!.on("data", (data) => stderr += String(data));
@@ -455,16 +460,23 @@ describe("the proxy CLI in cluster mode", { skip: serveSkip }, () => {
     const alone = await run(["--self-url", "http://127.0.0.1:9"]);
     assert.equal(alone.code, 2);
     assert.match(alone.stderr, /need --cluster-db/);
-    const short = await run([
-      "--cluster-db",
-      "postgres://x@127.0.0.1:1/db",
-      "--self-url",
-      "http://127.0.0.1:9",
-      "--cluster-secret",
-      "short",
-    ]);
+    const short = await run(
+      ["--cluster-db", "postgres://x@127.0.0.1:1/db", "--self-url", "http://127.0.0.1:9"],
+      { IMAGE_CACHE_CLUSTER_SECRET: "short" },
+    );
     assert.equal(short.code, 2);
-    assert.match(short.stderr, /at least 16 characters, received 5/);
+    assert.match(short.stderr, /at least 16 characters \(it guards the peer endpoint\), received 5/);
+    const flag = await run(["--cluster-secret", SECRET]);
+    assert.equal(flag.code, 2);
+    assert.match(flag.stderr, /--cluster-secret is not accepted/);
+    assert.doesNotMatch(flag.stderr, new RegExp(SECRET));
+    const password = await run(
+      ["--cluster-db", "postgres://x:hunter2@127.0.0.1:1/db", "--self-url", "http://127.0.0.1:9"],
+      { IMAGE_CACHE_CLUSTER_SECRET: SECRET },
+    );
+    assert.equal(password.code, 2);
+    assert.match(password.stderr, /must not hold a password/);
+    assert.doesNotMatch(password.stderr, /hunter2/);
   });
 });
 

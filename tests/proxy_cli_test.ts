@@ -1,83 +1,43 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
-import { readdir, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import process from "node:process";
-import { fileURLToPath } from "node:url";
+import { FileSystemStore } from "hono-image-cache";
 import { demoOrigin, generatedDigests } from "hono-image-cache/testing";
-import { hexDigest, readBody, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import { hexDigest, readBody, sleep, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import { startGlance } from "./_glance.ts";
+import { manage, serve, signal, skip, stop } from "./_cli.ts";
 
-const deno = (globalThis as { Deno?: { execPath(): string } }).Deno;
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const MiB = 2 ** 20;
+const ADMIN = "admin-token-0123456789abcdef";
 
-interface Cli {
-  child: ChildProcess;
-  /** Everything written to stdout and stderr so far. */
-  output(): string;
-  /** Resolves with the exit code once the process ended and its pipes closed. */
-  exited: Promise<number | null>;
-  /** The address from the startup banner. */
-  url(): Promise<string>;
-}
-
-/** Runs `scripts/serve.ts` in a child process, with no IMAGE_CACHE_* from the outside. */
-function serve(args: string[], env: Record<string, string> = {}): Cli {
-  const clean: Record<string, string> = { NO_COLOR: "1" };
-  for (const [name, value] of Object.entries(process.env)) {
-    if (!name.startsWith("IMAGE_CACHE_") && value !== undefined) clean[name] = value;
-  }
-  const child = spawn(deno!.execPath(), ["run", "-A", "scripts/serve.ts", ...args], {
-    cwd: ROOT,
-    env: { ...clean, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  child.stdout!.on("data", (chunk) => output += chunk);
-  child.stderr!.on("data", (chunk) => output += chunk);
-  const exited = new Promise<number | null>((resolve) =>
-    child.on("close", (code) => resolve(code))
-  );
-  return {
-    child,
-    output: () => output,
-    exited,
-    async url() {
-      await waitFor(
-        () => /listening on http:\/\/\S+/.test(output) || child.exitCode !== null,
-        30_000,
-      );
-      const match = /listening on (http:\/\/\S+)/.exec(output);
-      if (match === null) throw new Error(`The proxy did not start:\n${output}`);
-      return match[1];
-    },
-  };
-}
-
-/**
- * Sends SIGTERM by pid: Deno's `child.kill()` reports the signal instead of
- * the exit code the process chose.
- */
-function terminate(cli: Cli) {
-  process.kill(cli.child.pid!, "SIGTERM");
-}
-
-/** Ends a child that is still running (a failed test), by its pid. */
-async function stop(cli: Cli) {
-  if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill("SIGKILL");
-  await cli.exited;
-}
-
-describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" : false }, () => {
+describe("deno task serve: arguments", { skip }, () => {
   it("prints its usage with --help and exits 0", async () => {
     const cli = serve(["--help"]);
     assert.equal(await cli.exited, 0);
     const usage = cli.output();
     assert.match(usage, /^Usage: deno task serve/);
-    for (const word of ["--upstream URL", "IMAGE_CACHE_UPSTREAM", "--max-size", "--admin-token"]) {
+    for (
+      const word of [
+        "--upstream URL",
+        "IMAGE_CACHE_UPSTREAM",
+        "--max-size",
+        "--admin-token-file",
+        "IMAGE_CACHE_ADMIN_TOKEN",
+        "--serve-stale-on-error",
+        "--require-digest",
+        "--log-format",
+        "--trusted-proxy",
+        "/healthz",
+      ]
+    ) {
       assert.ok(usage.includes(word), word);
     }
+    assert.match(
+      usage.replace(/\s+/g, " "),
+      /An allowed answer outlives a revoked token or a deleted image by up to this long/,
+    );
   });
 
   it("rejects bad arguments with a clear message and exit code 2", async () => {
@@ -91,8 +51,10 @@ describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" 
       ],
       [["--listen", "nowhere"], {}, /--listen must be HOST:PORT, :PORT or PORT/],
       [["--upstream", "ftp://glance"], {}, /--upstream must be an http:\/\/ or https:\/\/ URL/],
-      [["--admin-token", "short"], {}, /--admin-token must be at least 16 characters/],
+      [[], { IMAGE_CACHE_ADMIN_TOKEN: "short" }, /IMAGE_CACHE_ADMIN_TOKEN must hold at least 16/],
       [["--access-ttl", "soon"], {}, /--access-ttl must be a duration/],
+      [["--log-format", "xml"], {}, /--log-format must be "text", "json"/],
+      [["--trusted-proxy", "10.0.0.0/99"], {}, /--trusted-proxy must be addresses or CIDR/],
       [[], { IMAGE_CACHE_MAX_SIZE: "lots" }, /IMAGE_CACHE_MAX_SIZE must be a size/],
       [[], { IMAGE_CACHE_QUIET_HITS: "maybe" }, /IMAGE_CACHE_QUIET_HITS must be 1\/true\/yes/],
     ];
@@ -105,33 +67,147 @@ describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" 
       assert.match(output, /Run with --help/);
     });
   });
+});
 
-  it("exits 1 with a message when the cache directory is unusable", async () => {
+describe("deno task serve: secrets", { skip }, () => {
+  it("refuses a token on the command line without ever printing it", async () => {
+    const secret = "s3cret-value-that-must-not-show";
+    for (const flag of ["--admin-token", "--service-token", "--metrics-token"]) {
+      for (const args of [[flag, secret], [`${flag}=${secret}`]]) {
+        const cli = serve(args);
+        assert.equal(await cli.exited, 2, args.join(" "));
+        assert.match(cli.output(), new RegExp(`${flag} is not accepted`));
+        assert.match(cli.output(), /IMAGE_CACHE_\w+_TOKEN/);
+        assert.ok(!cli.output().includes(secret), cli.output());
+      }
+    }
+    const run = await manage("http://127.0.0.1:9", ["--token", secret, "list-cached"], {});
+    assert.equal(run.code, 1);
+    assert.match(run.stderr, /--token is not accepted.*IMAGE_CACHE_TOKEN.*--token-file/);
+    assert.ok(!run.stderr.includes(secret));
+  });
+
+  it("takes tokens from files or the environment, and never prints them", async () => {
+    const glance = await startGlance({ images: { img: { size: 1000 } } });
+    try {
+      await withTempDir(async (dir) => {
+        const adminFile = join(dir, "admin-token");
+        await writeFile(adminFile, `${ADMIN}\n`, { mode: 0o600 });
+        const metrics = "metrics-token-0123456789";
+        const cli = serve(
+          [
+            "--upstream",
+            glance.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--cache-dir",
+            join(dir, "cache"),
+            "--admin-token-file",
+            adminFile,
+          ],
+          { IMAGE_CACHE_METRICS_TOKEN: metrics },
+        );
+        try {
+          const url = await cli.url();
+          const listed = await manage(url, ["--token-file", adminFile, "list-cached"], {});
+          assert.equal(listed.code, 0, listed.stderr);
+          const byEnv = await manage(url, ["list-queued"], { IMAGE_CACHE_TOKEN: ADMIN });
+          assert.equal(byEnv.code, 0, byEnv.stderr);
+          const res = await fetch(`${url}/metrics`, { headers: { "x-auth-token": metrics } });
+          assert.equal(res.status, 200);
+          await res.body?.cancel();
+          signal(cli);
+          assert.equal(await cli.exited, 0);
+          assert.ok(!cli.output().includes(ADMIN), "the admin token is never printed");
+          assert.ok(!cli.output().includes(metrics), "the metrics token is never printed");
+        } finally {
+          await stop(cli);
+        }
+      });
+    } finally {
+      await glance.close();
+    }
+  });
+});
+
+describe("deno task serve: startup", { skip }, () => {
+  it("exits 1 when the cache directory takes no write, even where access(W_OK) says yes", async () => {
     await withTempDir(async (dir) => {
       const file = join(dir, "a-file");
       await writeFile(file, "not a directory");
-      const cli = serve(["--cache-dir", join(file, "cache"), "--listen", "127.0.0.1:0"]);
+      const notADirectory = serve(["--cache-dir", join(file, "cache"), "--listen", "127.0.0.1:0"]);
+      assert.equal(await notADirectory.exited, 1);
+      assert.match(notADirectory.output(), /cannot write to the cache directory/);
+
+      // As root, access(W_OK) passes on /sys (and on a read-only file system); the write
+      // test does not. Anyone else: a directory without write permission.
+      const root = process.getuid?.() === 0;
+      const readOnly = root ? "/sys" : join(dir, "read-only");
+      if (!root) {
+        await mkdir(readOnly);
+        await chmod(readOnly, 0o555);
+      }
+      const cli = serve(["--cache-dir", readOnly, "--listen", "127.0.0.1:0"]);
       assert.equal(await cli.exited, 1);
-      assert.match(cli.output(), /cannot use the cache directory/);
+      assert.match(cli.output(), /cannot write to the cache directory "[^"]+": E[A-Z]+/);
+      assert.doesNotMatch(cli.output(), /^\s+at /m, "no stack trace");
+      if (!root) await chmod(readOnly, 0o755);
     });
   });
 
-  it("runs in front of the built-in demo origin without --upstream and stops on SIGTERM", async () => {
+  it("warns when --max-size is more than the file system holds", async () => {
+    await withTempDir(async (dir) => {
+      const cli = serve(["--cache-dir", dir, "--listen", "127.0.0.1:0", "--max-size", "1000000T"]);
+      try {
+        await cli.url();
+        assert.match(cli.output(), /level=warn event=config .*more than the whole file system/);
+        signal(cli);
+        assert.equal(await cli.exited, 0);
+      } finally {
+        await stop(cli);
+      }
+    });
+  });
+});
+
+describe("deno task serve: the demo", { skip }, () => {
+  it("starts a token-checking demo Glance with the management API behind a token printed once", async () => {
     await withTempDir(async (dir) => {
       const cli = serve(["--listen", "127.0.0.1:0", "--cache-dir", dir]);
       try {
         const url = await cli.url();
         assert.match(cli.output(), /built-in demo Glance/);
+        const token = /export IMAGE_CACHE_TOKEN=(\S+)/.exec(cli.output())?.[1];
+        assert.ok(token !== undefined, cli.output());
+        assert.equal(cli.output().split(token).length, 2, "printed once");
+
+        const anonymous = await fetch(`${url}/v2/images/cirros/file`);
+        await anonymous.body?.cancel();
+        assert.equal(anonymous.status, 401);
+        const reader = { "x-auth-token": "demo-reader" };
         const { md5 } = await generatedDigests("cirros", 16 * MiB);
-        const miss = await fetch(`${url}/v2/images/cirros/file`);
+        const miss = await fetch(`${url}/v2/images/cirros/file`, { headers: reader });
         assert.equal(miss.headers.get("cache-status"), "hono-image-cache; fwd=miss; stored");
         assert.equal(hexDigest((await readBody(miss)).bytes), md5);
         await waitFor(async () => (await readdir(dir)).includes("cirros"));
-        const hit = await fetch(`${url}/v2/images/cirros/file`);
+        const hit = await fetch(`${url}/v2/images/cirros/file`, { headers: reader });
         assert.equal(hit.headers.get("cache-status"), "hono-image-cache; hit");
         assert.equal(hexDigest((await readBody(hit)).bytes), md5);
+        const viewer = await fetch(`${url}/v2/images/cirros/file`, {
+          headers: { "x-auth-token": "demo-viewer" },
+        });
+        await viewer.body?.cancel();
+        assert.equal(viewer.status, 403, "metadata visible, download refused: the access check");
 
-        terminate(cli);
+        const listed = await manage(url, ["list-cached"], { IMAGE_CACHE_TOKEN: token });
+        assert.equal(listed.code, 0, listed.stderr);
+        assert.match(listed.stdout, /\| cirros \|/);
+        const queued = await manage(url, ["queue-image", "ubuntu", "--wait"], {
+          IMAGE_CACHE_TOKEN: token,
+        });
+        assert.equal(queued.code, 0, queued.stderr);
+
+        signal(cli);
         assert.equal(await cli.exited, 0, cli.output());
         assert.match(cli.output(), /cache=miss bytes=16777216/);
         assert.match(cli.output(), /cache=hit bytes=16777216/);
@@ -140,6 +216,105 @@ describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" 
         await stop(cli);
       }
     });
+  });
+});
+
+describe("deno task serve: shutdown", { skip }, () => {
+  it("drains a download on SIGTERM to deno task's process group, saves hit counts and exits 0", async () => {
+    const size = 2 * MiB;
+    const glance = await startGlance({
+      images: { slow: { size }, quick: { size: 4096 } },
+      chunkSize: 64 * 1024,
+      chunkDelay: 60,
+    });
+    const { md5 } = await generatedDigests("slow", size);
+    try {
+      await withTempDir(async (dir) => {
+        const cli = serve(
+          ["--upstream", glance.url, "--listen", "127.0.0.1:0", "--cache-dir", dir],
+          {},
+          true,
+        );
+        try {
+          const url = await cli.url();
+          for (let i = 0; i < 3; i++) {
+            await readBody(await fetch(`${url}/v2/images/quick/file`));
+            await waitFor(async () => (await readdir(dir)).includes("quick"));
+          }
+          const res = await fetch(`${url}/v2/images/slow/file`);
+          const reader = res.body!.getReader();
+          const first = await reader.read();
+          signal(cli, "SIGTERM", true);
+          const hash = (await import("node:crypto")).createHash("md5");
+          hash.update(first.value!);
+          let length = first.value!.byteLength;
+          for (let i = 0; i < 10_000; i++) {
+            const { done, value } = await reader.read();
+            if (done) break;
+            hash.update(value);
+            length += value.byteLength;
+          }
+          assert.equal(length, size, "the download was not cut");
+          assert.equal(hash.digest("hex"), md5);
+          assert.equal(await cli.exited, 0, cli.output());
+          assert.match(cli.output(), /SIGTERM: shutting down: 1 request\(s\) and 1 fill\(s\)/);
+          assert.match(cli.output(), /message="stopped"/);
+          assert.ok((await readdir(dir)).includes("slow"), "the fill finished and committed");
+          const store = new FileSystemStore({ directory: dir });
+          try {
+            assert.equal((await store.get("quick"))?.hits, 2, "hit counts were saved");
+          } finally {
+            await store.close();
+          }
+        } finally {
+          await stop(cli);
+        }
+      });
+    } finally {
+      await glance.close();
+    }
+  });
+
+  it("ignores a signal relayed at once, and exits at once on one sent later", async () => {
+    const glance = await startGlance({
+      images: { slow: { size: 4 * MiB } },
+      chunkSize: 64 * 1024,
+      chunkDelay: 100,
+    });
+    try {
+      await withTempDir(async (dir) => {
+        const cli = serve([
+          "--upstream",
+          glance.url,
+          "--listen",
+          "127.0.0.1:0",
+          "--cache-dir",
+          dir,
+          "--shutdown-timeout",
+          "30s",
+        ]);
+        try {
+          const url = await cli.url();
+          const res = await fetch(`${url}/v2/images/slow/file`);
+          const reader = res.body!.getReader();
+          await reader.read();
+          signal(cli, "SIGINT");
+          signal(cli, "SIGINT");
+          await sleep(1300);
+          assert.equal(cli.child.exitCode, null, "the relayed copy did not stop it");
+          const started = Date.now();
+          signal(cli, "SIGINT");
+          assert.equal(await cli.exited, 1);
+          assert.ok(Date.now() - started < 5000);
+          assert.match(cli.output(), /SIGINT again: exiting now, cutting 1 request/);
+          await reader.cancel().catch(() => {});
+        } finally {
+          await stop(cli);
+        }
+      });
+    } finally {
+      await glance.close();
+    }
   });
 
   it("leaves no partial entry to serve after a SIGTERM during a fill", async () => {
@@ -171,7 +346,7 @@ describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" 
           const reader = res.body!.getReader();
           await reader.read();
           await waitFor(async () => (await readdir(join(dir, "incomplete"))).includes("slow"));
-          terminate(first);
+          signal(first);
           let failed = false;
           try {
             for (let i = 0; i < 1000 && !(await reader.read()).done; i++);
@@ -198,7 +373,7 @@ describe("deno task serve", { skip: deno === undefined ? "the CLI runs on Deno" 
           assert.equal(hexDigest((await readBody(hit)).bytes), md5);
           assert.deepEqual(await readdir(join(dir, "incomplete")), [], "the dead fill was swept");
           assert.equal(origin.stats.reads.slow, 2);
-          terminate(second);
+          signal(second);
           assert.equal(await second.exited, 0);
         } finally {
           await stop(second);

@@ -3,139 +3,20 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { connect } from "node:net";
 import { gunzipSync, gzipSync } from "node:zlib";
-import { Hono } from "hono";
-import { FileSystemStore, MemoryStore } from "hono-image-cache";
-import { demoOrigin, generatedDigests, generatedImage } from "hono-image-cache/testing";
-import type { DemoImage, DemoOriginStats } from "hono-image-cache/testing";
+import type { Hono } from "hono";
+import { MemoryStore } from "hono-image-cache";
+import { generatedDigests } from "hono-image-cache/testing";
 import { glanceAccessCheck, proxyApp, upstreamProxy } from "hono-image-cache/proxy";
-import type { AccessLogEntry, ProxyApp, ProxyAppOptions } from "hono-image-cache/proxy";
-import { assertBytes, readBody, sleep, startServer, waitFor, withTempDir } from "./_helpers.ts";
-import type { TestServer } from "./_helpers.ts";
+import { assertBytes, sleep, waitFor } from "./_helpers.ts";
+import { get, imageBytes, startGlance, withProxy } from "./_glance.ts";
 
 const MiB = 2 ** 20;
-
-interface Upstream {
-  url: string;
-  stats: DemoOriginStats;
-  images: Record<string, DemoImage>;
-  /** `GET /v2/images/{id}` requests seen (the access checks). */
-  metadataCalls: () => number;
-  /** The last request headers seen by `/echo`. */
-  close(): Promise<void>;
-}
-
-interface UpstreamOptions {
-  images: Record<string, DemoImage>;
-  chunkDelay?: number;
-  /** When set, Glance-like auth: a token's readable images (`"all"`); others get 401/403. */
-  tokens?: Record<string, "all" | string[]>;
-  /** Changes the metadata the upstream announces for an image. */
-  metadata?: (id: string, fields: Record<string, unknown>) => Record<string, unknown>;
-  /** More routes, before the demo origin's. */
-  routes?: (app: Hono) => void;
-}
-
-/** A Glance-like upstream (the demo origin, plus auth and extras) on a loopback port. */
-async function startUpstream(options: UpstreamOptions): Promise<Upstream> {
-  const origin = demoOrigin({ images: options.images, chunkDelay: options.chunkDelay });
-  let metadataCalls = 0;
-  const app = new Hono();
-  app.use("/v2/images/:id", async (c, next) => {
-    if (c.req.method === "GET") metadataCalls++;
-    await next();
-  });
-  if (options.tokens !== undefined) {
-    const tokens = options.tokens;
-    const guard = async (c: import("hono").Context, next: () => Promise<void>) => {
-      const token = c.req.header("x-auth-token");
-      if (token === undefined || tokens[token] === undefined) {
-        return c.text("Authentication required", 401, {
-          "www-authenticate": "Keystone uri='http://keystone.invalid'",
-        });
-      }
-      const readable = tokens[token];
-      const id = c.req.param("id") ?? "";
-      if (readable !== "all" && !readable.includes(id)) return c.text("Forbidden", 403);
-      await next();
-    };
-    app.use("/v2/images/:id", guard);
-    app.use("/v2/images/:id/file", guard);
-  }
-  if (options.metadata !== undefined) {
-    const edit = options.metadata;
-    app.get("/v2/images/:id", async (c) => {
-      const res = await origin.app.request(c.req.raw.url);
-      if (res.status !== 200) return res;
-      return c.json(edit(c.req.param("id"), await res.json()));
-    });
-  }
-  options.routes?.(app);
-  app.route("/", origin.app);
-  const server = await startServer(app.fetch);
-  return {
-    url: server.url,
-    stats: origin.stats,
-    images: origin.images,
-    metadataCalls: () => metadataCalls,
-    close: () => server.close(),
-  };
-}
-
-interface Proxy {
-  url: string;
-  store: FileSystemStore;
-  proxy: ProxyApp;
-  logs: AccessLogEntry[];
-  errors: unknown[];
-  server: TestServer;
-}
-
-/** Runs `fn` with a caching proxy in front of `upstream`, on a loopback port. */
-function withProxy(
-  upstream: string,
-  options: Partial<ProxyAppOptions>,
-  fn: (proxy: Proxy) => Promise<void>,
-): Promise<void> {
-  return withTempDir(async (dir) => {
-    const store = new FileSystemStore({ directory: dir });
-    // The store sets its directory up in the background: let it finish before any cleanup.
-    await store.list();
-    const logs: AccessLogEntry[] = [];
-    const errors: unknown[] = [];
-    const proxy = proxyApp({
-      upstream,
-      store,
-      onLog: (entry) => logs.push(entry),
-      onError: (error) => errors.push(error),
-      ...options,
-    });
-    const server = await startServer(proxy.fetch);
-    try {
-      await fn({ url: server.url, store, proxy, logs, errors, server });
-    } finally {
-      await server.close();
-      proxy.close();
-      await proxy.settle(5000);
-      await store.close();
-    }
-  });
-}
-
-async function imageBytes(id: string, size: number): Promise<Uint8Array> {
-  return new Uint8Array(await new Response(generatedImage(id, 0, size)).arrayBuffer());
-}
-
-async function get(url: string, headers: Record<string, string> = {}) {
-  const res = await fetch(url, { headers });
-  const { bytes, error } = await readBody(res);
-  return { res, bytes, error };
-}
 
 const reader = { "x-auth-token": "reader" };
 
 describe("proxyApp in front of a real upstream", () => {
   it("serves a miss then a hit with byte-exact bodies, reading the upstream once", async () => {
-    const upstream = await startUpstream({ images: { cirros: { size: 3 * MiB + 17 } } });
+    const upstream = await startGlance({ images: { cirros: { size: 3 * MiB + 17 } } });
     try {
       await withProxy(upstream.url, {}, async ({ url, proxy, logs }) => {
         const expected = await imageBytes("cirros", 3 * MiB + 17);
@@ -150,7 +31,7 @@ describe("proxyApp in front of a real upstream", () => {
         assert.equal(hit.res.headers.get("cache-status"), "hono-image-cache; hit");
         assert.equal(hit.res.headers.get("content-length"), String(expected.byteLength));
         assertBytes(hit.bytes, expected, "hit body");
-        assert.equal(upstream.stats.reads.cirros, 1);
+        assert.equal(upstream.downloads.cirros, 1);
 
         await waitFor(() => logs.length === 2);
         // Bun's server does not report delivery: its hits are logged when handed over.
@@ -168,7 +49,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("verifies fills with the SHA-512 the metadata announces", async () => {
-    const upstream = await startUpstream({ images: { img: { size: MiB } } });
+    const upstream = await startGlance({ images: { img: { size: MiB } } });
     try {
       await withProxy(upstream.url, {}, async ({ url, proxy, store }) => {
         await get(`${url}/v2/images/img/file`);
@@ -184,7 +65,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("does not commit a fill whose SHA-512 does not match the metadata", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: { bad: { size: MiB } },
       metadata: (_id, fields) => ({ ...fields, os_hash_value: "0".repeat(128) }),
     });
@@ -199,7 +80,7 @@ describe("proxyApp in front of a real upstream", () => {
 
         const second = await get(`${url}/v2/images/bad/file`);
         assert.match(second.res.headers.get("cache-status") ?? "", /fwd=miss/);
-        assert.equal(upstream.stats.reads.bad, 2);
+        assert.equal(upstream.downloads.bad, 2);
       });
     } finally {
       await upstream.close();
@@ -207,7 +88,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("falls back to MD5 when the metadata announces no hash", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: { old: { size: 1000 } },
       metadata: (_id, { os_hash_algo: _a, os_hash_value: _v, ...rest }) => rest,
     });
@@ -223,8 +104,8 @@ describe("proxyApp in front of a real upstream", () => {
     }
   });
 
-  it("answers with the upstream's 401 or 403 and serves no cached bytes", async () => {
-    const upstream = await startUpstream({
+  it("answers with the upstream's 401 or 404 and serves no cached bytes", async () => {
+    const upstream = await startGlance({
       images: { private: { size: 64 * 1024 } },
       tokens: { reader: "all", stranger: [] },
     });
@@ -235,8 +116,8 @@ describe("proxyApp in front of a real upstream", () => {
         await proxy.settle(5000);
 
         const stranger = await get(`${url}/v2/images/private/file`, { "x-auth-token": "stranger" });
-        assert.equal(stranger.res.status, 403);
-        assert.match(new TextDecoder().decode(stranger.bytes), /^Forbidden/);
+        assert.equal(stranger.res.status, 404, "Glance's answer for an image a project cannot see");
+        assert.match(new TextDecoder().decode(stranger.bytes), /^Not found/);
 
         const anonymous = await get(`${url}/v2/images/private/file`);
         assert.equal(anonymous.res.status, 401);
@@ -246,7 +127,7 @@ describe("proxyApp in front of a real upstream", () => {
         const again = await get(`${url}/v2/images/private/file`, reader);
         assert.equal(again.res.headers.get("cache-status"), "hono-image-cache; hit");
         assertBytes(again.bytes, expected);
-        assert.equal(upstream.stats.reads.private, 1);
+        assert.equal(upstream.downloads.private, 1);
         await waitFor(() => logs.length === 4);
         assert.deepEqual(logs.map((l) => l.cache), ["miss", "denied", "denied", "hit"]);
       });
@@ -256,7 +137,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("reuses an access answer per credential and image for the TTL", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: { img: { size: 1000 } },
       tokens: { reader: "all", other: "all" },
     });
@@ -264,40 +145,38 @@ describe("proxyApp in front of a real upstream", () => {
       await withProxy(upstream.url, {}, async ({ url, proxy }) => {
         await get(`${url}/v2/images/img/file`, reader);
         await proxy.settle(5000);
-        assert.equal(upstream.metadataCalls(), 1, "the miss asks once, alongside the download");
+        assert.equal(upstream.probeCalls(), 0, "the miss's own download is Glance's answer");
         for (let i = 0; i < 3; i++) {
           const hit = await get(`${url}/v2/images/img/file`, reader);
           assert.equal(hit.res.headers.get("cache-status"), "hono-image-cache; hit");
         }
-        assert.equal(upstream.metadataCalls(), 1);
+        assert.equal(upstream.probeCalls(), 0);
         await get(`${url}/v2/images/img/file`, { "x-auth-token": "other" });
-        assert.equal(upstream.metadataCalls(), 2, "another credential is asked again");
+        assert.equal(upstream.probeCalls(), 1, "another credential is asked again");
+        await get(`${url}/v2/images/img/file`, { "x-auth-token": "other" });
+        assert.equal(upstream.probeCalls(), 1);
       });
     } finally {
       await upstream.close();
     }
   });
 
-  it("does not serve a deactivated, deleted or pending_delete image from the cache", async () => {
-    const upstream = await startUpstream({ images: { img: { size: 4096 } } });
+  it("refuses a deactivated image without dropping it, and serves it again once reactivated", async () => {
+    const upstream = await startGlance({ images: { img: { size: 4096 } } });
     try {
       await withProxy(upstream.url, { accessCheck: { ttl: 0 } }, async ({ url, proxy, store }) => {
         await get(`${url}/v2/images/img/file`);
         await proxy.settle(5000);
-        for (
-          const [status, code] of [["deactivated", 403], ["pending_delete", 404], ["deleted", 404]]
-        ) {
-          upstream.images.img.status = status as string;
-          const res = await get(`${url}/v2/images/img/file`);
-          assert.equal(res.res.status, code, status as string);
-          assert.ok(res.bytes.byteLength < 4096);
-          assert.match(new TextDecoder().decode(res.bytes), new RegExp(status as string));
-        }
+        upstream.images.img.status = "deactivated";
+        const refused = await get(`${url}/v2/images/img/file`);
+        assert.equal(refused.res.status, 403);
+        assert.ok(refused.bytes.byteLength < 4096);
+        assert.match(new TextDecoder().decode(refused.bytes), /^Forbidden/);
         assert.ok(await store.get("img"), "the entry stays: only serving it is refused");
         upstream.images.img.status = "active";
         const back = await get(`${url}/v2/images/img/file`);
         assert.equal(back.res.headers.get("cache-status"), "hono-image-cache; hit");
-        assert.equal(upstream.stats.reads.img, 1);
+        assert.equal(upstream.downloads.img, 1);
       });
     } finally {
       await upstream.close();
@@ -305,7 +184,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("evicts an image deleted through the proxy", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: { img: { size: 4096 } },
       tokens: { reader: "all" },
     });
@@ -327,7 +206,7 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("answers 502 when the upstream is down, and serves no cached entry unchecked", async () => {
-    const upstream = await startUpstream({ images: { img: { size: 4096 } } });
+    const upstream = await startGlance({ images: { img: { size: 4096 } } });
     let closed = false;
     try {
       await withProxy(upstream.url, { accessCheck: { ttl: 0 } }, async ({ url, proxy, store }) => {
@@ -356,7 +235,7 @@ describe("proxyApp in front of a real upstream", () => {
   it("streams an upload to the upstream untouched and unbuffered", async () => {
     let received = 0;
     const hash = createHash("md5");
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: {},
       routes: (app) =>
         app.put("/v2/images/:id/file", async (c) => {
@@ -403,14 +282,14 @@ describe("proxyApp in front of a real upstream", () => {
   });
 
   it("answers HEAD of an uncached image from the upstream with its length", async () => {
-    const upstream = await startUpstream({ images: { img: { size: 5000 } } });
+    const upstream = await startGlance({ images: { img: { size: 5000 } } });
     try {
       await withProxy(upstream.url, {}, async ({ url, store }) => {
         const res = await fetch(`${url}/v2/images/img/file`, { method: "HEAD" });
         await res.body?.cancel();
         assert.equal(res.status, 200);
         assert.equal(res.headers.get("content-length"), "5000");
-        assert.equal(upstream.stats.reads.img, undefined);
+        assert.equal(upstream.downloads.img, undefined);
         assert.equal(await store.get("img"), undefined);
       });
     } finally {
@@ -423,7 +302,7 @@ describe("proxyApp's management API", () => {
   const ADMIN = "admin-token-0123456789";
 
   it("is mounted behind the admin token", async () => {
-    const upstream = await startUpstream({ images: { img: { size: 1000 } } });
+    const upstream = await startGlance({ images: { img: { size: 1000 } } });
     try {
       await withProxy(upstream.url, { adminToken: ADMIN }, async ({ url, proxy }) => {
         await get(`${url}/v2/images/img/file`);
@@ -459,7 +338,7 @@ describe("proxyApp's management API", () => {
   });
 
   it("is not mounted without an admin token: /v2/cache goes to the upstream", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: {},
       routes: (app) => app.get("/v2/cache", (c) => c.json({ from: "upstream" })),
     });
@@ -475,7 +354,7 @@ describe("proxyApp's management API", () => {
   });
 
   it("prefetches through the upstream with the service token, verified by SHA-512", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: { img: { size: 300 * 1024 } },
       tokens: { service: "all", reader: "all" },
     });
@@ -499,7 +378,7 @@ describe("proxyApp's management API", () => {
           const hit = await get(`${url}/v2/images/img/file`, reader);
           assert.equal(hit.res.headers.get("cache-status"), "hono-image-cache; hit");
           assertBytes(hit.bytes, await imageBytes("img", 300 * 1024));
-          assert.equal(upstream.stats.reads.img, 1);
+          assert.equal(upstream.downloads.img, 1);
           const stranger = await get(`${url}/v2/images/img/file`);
           assert.equal(stranger.res.status, 401, "a prefetched image is access-checked too");
         },
@@ -531,7 +410,7 @@ describe("upstreamProxy", () => {
   }
 
   it("forwards method, path, query and headers, without hop-by-hop headers", async () => {
-    const upstream = await startUpstream({ images: {}, routes: echoRoutes });
+    const upstream = await startGlance({ images: {}, routes: echoRoutes });
     try {
       await withProxy(upstream.url, {}, async ({ url }) => {
         const port = new URL(url).port;
@@ -587,7 +466,7 @@ describe("upstreamProxy", () => {
   });
 
   it("keeps an upstream path prefix", async () => {
-    const upstream = await startUpstream({ images: {}, routes: echoRoutes });
+    const upstream = await startGlance({ images: {}, routes: echoRoutes });
     try {
       await withProxy(`${upstream.url}/echo/prefix/`, {}, async ({ url }) => {
         const res = await fetch(`${url}/v2/images?limit=2`);
@@ -600,7 +479,7 @@ describe("upstreamProxy", () => {
 
   it("passes redirects through, pointing them at the proxy", async () => {
     let upstreamUrl = "";
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: {},
       routes: (app) => {
         app.get("/absolute", (c) => c.redirect(`${upstreamUrl}/v2/images?marker=1`, 302));
@@ -631,7 +510,7 @@ describe("upstreamProxy", () => {
   it("answers 504 when the upstream sends no headers in time, never timing out a long body", async () => {
     let release!: () => void;
     const released = new Promise<void>((resolve) => release = resolve);
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: {},
       routes: (app) => {
         app.get("/stuck", async (c) => {
@@ -672,7 +551,7 @@ describe("upstreamProxy", () => {
   });
 
   it("never passes a body with the wrong Content-Encoding", async () => {
-    const upstream = await startUpstream({
+    const upstream = await startGlance({
       images: {},
       routes: (app) =>
         app.get(
@@ -728,7 +607,7 @@ describe("proxy configuration", () => {
   });
 
   it("leaves hits out of the access log when asked", async () => {
-    const upstream = await startUpstream({ images: { img: { size: 1000 } } });
+    const upstream = await startGlance({ images: { img: { size: 1000 } } });
     try {
       await withProxy(upstream.url, { logHits: false }, async ({ url, proxy, logs }) => {
         await get(`${url}/v2/images/img/file`);

@@ -42,7 +42,9 @@ export interface CacheCounters {
   passThrough: Record<string, number>;
   /** Prefetches that ended with the image cached (committed, or found cached). */
   prefetchesCached: number;
-  /** Prefetch attempts that failed (each is retried). */
+  /** Queued images whose prefetch failed `maxAttempts` times and is tried no more. */
+  prefetchesGaveUp: number;
+  /** Prefetch attempts that failed (each is retried, up to `maxAttempts`). */
   prefetchesFailed: number;
 }
 
@@ -229,6 +231,7 @@ export class CacheCore {
     passThrough: {},
     prefetchesCached: 0,
     prefetchesFailed: 0,
+    prefetchesGaveUp: 0,
   };
   /** The store's size policy: admission, automatic and explicit pruning. */
   readonly pruner: Pruner;

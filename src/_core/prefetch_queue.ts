@@ -4,7 +4,9 @@
  * order, at most `concurrency` at once, each through
  * {@linkcode prefetchImage}: the same claim, coalescing and verification
  * as a miss. A commit removes the id from the queue (the store does it); a
- * failure leaves it queued and retried with exponential backoff.
+ * failure leaves it queued and retried with exponential backoff, up to
+ * `maxAttempts` failures: then it stays queued, marked as given up, until
+ * it is queued again.
  *
  * @module
  */
@@ -21,6 +23,8 @@ export interface PrefetchQueueOptions
   retryDelay: number;
   /** Longest wait between retries, in milliseconds. */
   maxRetryDelay: number;
+  /** Failed attempts after which an image is tried no more (`Infinity`: always retried). */
+  maxAttempts: number;
 }
 
 /** Why a queued image is still queued after an attempt. */
@@ -29,8 +33,10 @@ export interface PrefetchFailure {
   attempts: number;
   /** The reason of the last failure (a `Cache-Status` detail such as `status-404`). */
   reason: string;
-  /** When the next attempt is due, in milliseconds since the epoch. */
+  /** When the next attempt is due, in milliseconds since the epoch; `Infinity` once given up. */
   next: number;
+  /** Whether `maxAttempts` attempts failed and the image is tried no more. */
+  gaveUp: boolean;
 }
 
 /** Works the prefetch queue of one store. */
@@ -169,14 +175,26 @@ export class PrefetchQueue {
         attempts: previous?.attempts ?? 0,
         reason,
         next: Date.now() + options.retryDelay,
+        gaveUp: false,
       });
       return;
     }
     if (reason === "deleted") return; // Deleted meanwhile: no longer queued, nothing to retry.
     const attempts = (previous?.attempts ?? 0) + 1;
-    const delay = Math.min(options.maxRetryDelay, options.retryDelay * 2 ** (attempts - 1));
-    this.#failures.set(id, { attempts, reason, next: Date.now() + delay });
     core.counters.prefetchesFailed++;
+    if (attempts >= options.maxAttempts) {
+      // Retrying what keeps failing (a refused credential, an image gone) only loads the origin.
+      this.#failures.set(id, { attempts, reason, next: Infinity, gaveUp: true });
+      core.counters.prefetchesGaveUp++;
+      options.onError(
+        new Error(
+          `Prefetch of image "${id}" failed (${reason}); gave up after ${attempts} attempts (queue it again to retry)`,
+        ),
+      );
+      return;
+    }
+    const delay = Math.min(options.maxRetryDelay, options.retryDelay * 2 ** (attempts - 1));
+    this.#failures.set(id, { attempts, reason, next: Date.now() + delay, gaveUp: false });
     options.onError(
       new Error(`Prefetch of image "${id}" failed (${reason}); retry in ${Math.round(delay)} ms`),
     );

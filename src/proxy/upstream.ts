@@ -4,10 +4,10 @@
  * @module
  */
 import type { Context, Handler } from "hono";
-import { requestPathAndQuery } from "../_http/path.ts";
+import { requestPath, requestPathAndQuery } from "../_http/path.ts";
 import { checkFunction, checkSize } from "../_options.ts";
 import { FETCH_DECODES } from "../_runtime.ts";
-import { clientAddress, describeError, parseUpstream, seconds } from "./_shared.ts";
+import { clientAddress, describeError, notesOf, parseUpstream, seconds } from "./_shared.ts";
 
 /** Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded. */
 const HOP_BY_HOP = new Set([
@@ -48,6 +48,12 @@ export interface UpstreamProxyOptions {
    * @default {globalThis.fetch}
    */
   fetch?: (request: Request) => Promise<Response>;
+  /**
+   * Called when the upstream cannot be reached or sends no headers in time,
+   * with an error naming the upstream's URL and the cause: for the log. The
+   * client's `502` / `504` names neither.
+   */
+  onError?: (error: Error, c: Context) => void;
 }
 
 /**
@@ -70,7 +76,10 @@ export interface UpstreamProxyOptions {
  * - Redirects are passed through (`redirect: "manual"`); a `Location` that
  *   points into the upstream is rewritten to point at this proxy.
  * - Cannot connect → `502`; no response headers within `headerTimeout` →
- *   `504`. A failure after the headers cuts the client's connection.
+ *   `504`. Neither answer shows the upstream's address (`onError` gets it).
+ *   A failure after the headers cuts the client's connection.
+ * - The request id (`X-Request-Id`, the client's or a new one) is sent
+ *   upstream, for logs on both sides to meet.
  *
  * @param options Where to forward, and how long to wait.
  * @returns The handler, e.g. for `app.all("*", ...)`.
@@ -106,6 +115,7 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
     options.fetch,
     (request: Request) => fetch(request),
   );
+  const onError = checkFunction("upstreamProxy", "onError", options.onError, undefined);
   const basePath = base.pathname.replace(/\/+$/, "");
 
   return async function upstreamProxy(c: Context): Promise<Response> {
@@ -118,6 +128,8 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
     const pathAndQuery = requestPathAndQuery(url);
     const target = base.origin + basePath + pathAndQuery;
     const headers = forwardHeaders(incoming.headers, url, clientAddress(c));
+    const notes = notesOf(incoming);
+    headers.set("x-request-id", notes.id);
 
     const ac = new AbortController();
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -145,6 +157,7 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
     }
 
     let response: Response;
+    const started = performance.now();
     try {
       response = await send(
         new Request(target, {
@@ -157,18 +170,35 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
         } as RequestInit),
       );
     } catch (error) {
+      notes.upstreamError = timedOut ? "timeout" : "unreachable";
+      // Without the query: it may carry secrets.
+      const where = base.origin + basePath + requestPath(url);
+      try {
+        onError?.(
+          new Error(
+            timedOut
+              ? `${where}: no response headers within ${seconds(headerTimeout)}`
+              : `${where}: ${describeError(error)}`,
+            { cause: error },
+          ),
+          c,
+        );
+      } catch {
+        // A failing logger must not fail the request.
+      }
+      // The upstream's address and the cause stay in the log: they describe the inside.
       if (timedOut) {
         return c.text(
-          `Gateway timeout: the upstream sent no response headers within ${seconds(headerTimeout)}`,
+          `Gateway timeout: the upstream sent no response headers within ${
+            seconds(headerTimeout)
+          } (request ${notes.id})`,
           504,
         );
       }
-      return c.text(
-        `Bad gateway: cannot reach the upstream ${base.origin} (${describeError(error)})`,
-        502,
-      );
+      return c.text(`Bad gateway: cannot reach the upstream (request ${notes.id})`, 502);
     } finally {
       clearTimeout(timer);
+      notes.upstreamMs = performance.now() - started;
     }
     return new Response(response.body, {
       status: response.status,
