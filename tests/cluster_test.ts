@@ -465,7 +465,10 @@ describe("the proxy CLI in cluster mode", { skip: serveSkip }, () => {
       { IMAGE_CACHE_CLUSTER_SECRET: "short" },
     );
     assert.equal(short.code, 2);
-    assert.match(short.stderr, /at least 16 characters \(it guards the peer endpoint\), received 5/);
+    assert.match(
+      short.stderr,
+      /at least 16 characters \(it guards the peer endpoint\), received 5/,
+    );
     const flag = await run(["--cluster-secret", SECRET]);
     assert.equal(flag.code, 2);
     assert.match(flag.stderr, /--cluster-secret is not accepted/);

@@ -168,11 +168,16 @@ export class ClusterNode implements PeerHost, PeerClient {
       committed: (entry) => node.#committed(entry),
       removed: (id) => node.#write(() => node.#registry.remove(id)),
     });
-    // A heartbeat that hangs (a database that stopped answering) is given up: the next one tries.
+    // A heartbeat that hangs is given up, and the client replaced at once: its connection
+    // is wedged (a database that restarted under it may never answer it), and a query
+    // that never returns would never count as a failure.
     const limit = Math.max(settings.heartbeatInterval * 2, 5_000);
     node.#timer = setInterval(() => {
-      node.#beating ??= within(node.#beat(), limit, "The heartbeat").catch(() => {})
-        .finally(() => node.#beating = undefined);
+      node.#beating ??= within(node.#beat(), limit, "The heartbeat").catch(async (error) => {
+        if (!(error instanceof Slow) || node.#closed) return;
+        node.#down(error);
+        await node.#reconnect();
+      }).finally(() => node.#beating = undefined);
     }, settings.heartbeatInterval);
     unrefTimer(node.#timer);
     return node;
@@ -227,6 +232,9 @@ export class ClusterNode implements PeerHost, PeerClient {
     try {
       const wasDown = !this.#up;
       let full = wasDown;
+      // Back after an outage: the database may have come back empty (restored, or a new
+      // server at the same address). The migrations are idempotent: tables come back.
+      if (wasDown) await migrate(this.#sql);
       if (!await registry.beat()) {
         await registry.register();
         full = true;

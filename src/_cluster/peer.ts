@@ -4,8 +4,9 @@
  * cluster secret (header {@linkcode SECRET_HEADER}, compared in constant
  * time); never open to clients.
  *
- * `GET {PEER_PATH}/images/{id}` with `Range: bytes=N-` answers `200` with
- * the bytes from `N` on, of the committed entry or of the fill under way
+ * `GET {PEER_PATH}/images/{id}` with `x-image-cache-start: N` answers `200`
+ * with the bytes from `N` on (not a `Range`: a runtime may answer a `Range`
+ * on a file body itself, as Bun's server does), of the committed entry or of the fill under way
  * (which holds its last byte back until verified, as for any client), and:
  *
  * | Header | Meaning |
@@ -58,10 +59,13 @@ function parseDigest(value: string | null): Digest | undefined {
   return { algorithm: match[1], value: match[2] };
 }
 
-/** The first byte a `Range: bytes=N-` asks for (0 without one); `undefined` when malformed. */
-function rangeStart(header: string | undefined): number | undefined {
+/** The request header that names the first byte a peer wants. */
+const START_HEADER = "x-image-cache-start";
+
+/** The first byte `x-image-cache-start` asks for (0 without one); `undefined` when malformed. */
+function startOf(header: string | undefined): number | undefined {
   if (header === undefined) return 0;
-  const match = /^bytes=(\d{1,16})-$/.exec(header.trim());
+  const match = /^(\d{1,16})$/.exec(header.trim());
   return match === null ? undefined : Number(match[1]);
 }
 
@@ -106,8 +110,8 @@ export function peerApp(host: PeerHost): Hono {
   });
   app.on(["GET", "HEAD"], `${PEER_PATH}/images/:id`, async (c) => {
     const id = c.req.param("id");
-    const start = rangeStart(c.req.header("range"));
-    if (start === undefined) return c.text("Range must be bytes=N-", 400);
+    const start = startOf(c.req.header(START_HEADER));
+    if (start === undefined) return c.text(`${START_HEADER} must be a byte position`, 400);
     if (!store.canHold(id)) return c.text("Not here", 404);
     const head = c.req.method === "HEAD";
     const entry = await store.get(id);
@@ -202,7 +206,7 @@ export async function askPeer(
   try {
     response = await fetch(`${url}${PEER_PATH}/images/${encodeURIComponent(id)}`, {
       method,
-      headers: { [SECRET_HEADER]: client.secret, range: `bytes=${start}-` },
+      headers: { [SECRET_HEADER]: client.secret, [START_HEADER]: String(start) },
       signal: controller.signal,
     });
   } catch {
