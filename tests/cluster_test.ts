@@ -346,6 +346,32 @@ describe("cluster mode over PostgreSQL", () => {
     });
   });
 
+  it("a database that comes back empty gets its tables again, and the nodes rejoin", async (t) => {
+    if (skip) return t.skip(skip);
+    await withCluster(2, {}, async ([a, b], _stats, database) => {
+      const { md5 } = await generatedDigests("img", SIZE);
+      assert.equal(await md5Of(await fetch(`${a.url}/v2/images/img/file`)), md5);
+      await waitFor(async () => (await nodesHolding(b, "img")).includes(a.url), 5000);
+      const { default: postgres } = await import("postgres");
+      const sql = postgres(database, { max: 1, onnotice: () => {} });
+      try {
+        // As a database restored from an empty backup: every table gone.
+        await sql.unsafe("DROP SCHEMA public CASCADE; CREATE SCHEMA public");
+      } finally {
+        await sql.end({ timeout: 1 });
+      }
+      await waitFor(async () => {
+        const res = await fetch(`${b.url}/v2/cache/nodes/img`);
+        const body = res.status === 200 ? await res.json() : await res.body?.cancel();
+        return Array.isArray(body) && body.includes(a.url);
+      }, 15_000).catch((error) => {
+        throw new Error(`no rejoin:\nA: ${a.logs.join("\n")}\nB: ${b.logs.join("\n")}`, {
+          cause: error,
+        });
+      });
+    });
+  });
+
   it("two nodes starting at once on an empty database both join, with one schema", async (t) => {
     if (skip) return t.skip(skip);
     await withCluster(2, {}, async ([a, b], _stats, database) => {

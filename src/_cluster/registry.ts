@@ -77,9 +77,11 @@ export class Registry {
    */
   async beat(): Promise<boolean> {
     if (this.#node === undefined) return false;
+    // By id and URL: a database that came back empty may have given this id to another node.
     const rows = await this.#sql.unsafe(
-      "UPDATE node_reference SET last_seen = now() WHERE node_reference_id = $1 RETURNING 1",
-      [this.#node],
+      `UPDATE node_reference SET last_seen = now()
+       WHERE node_reference_id = $1 AND node_reference_url = $2 RETURNING 1`,
+      [this.#node, this.#url],
     );
     return rows.length > 0;
   }
