@@ -8,7 +8,10 @@
  * 2. **What the index costs a hit**: 64 KiB hits, 16 at a time, on a node
  *    in cluster mode / on a node without (target: nothing measurable).
  *
- * Prints one line per figure and a Markdown table.
+ * Medians of 3 runs (`--runs N`). Prints a Markdown table and writes it,
+ * with the date, machine and versions, into docs/cluster.md and
+ * docs/benchmarks.md (between `<!-- bench:cluster:begin -->` and
+ * `<!-- bench:cluster:end -->`; `--no-docs` leaves them).
  *
  * @module
  */
@@ -19,6 +22,7 @@ import { Hono } from "hono";
 import { FileSystemStore, imageCache, joinCluster } from "../../mod.ts";
 import { demoOrigin, generatedDigests } from "../../testing.ts";
 import { startPostgres } from "../../tests/_postgres.ts";
+import { replaceBetween } from "./report.ts";
 
 const SECRET = "bench-cluster-secret-0123";
 
@@ -116,8 +120,12 @@ function parseSize(text: string): number {
 }
 
 async function main() {
-  const sizeArg = Deno.args.indexOf("--size");
-  const size = parseSize(sizeArg === -1 ? "256M" : Deno.args[sizeArg + 1]);
+  const flag = (name: string) => {
+    const at = Deno.args.indexOf(name);
+    return at === -1 ? undefined : Deno.args[at + 1];
+  };
+  const size = parseSize(flag("--size") ?? "64M");
+  const runs = Number(flag("--runs") ?? 3);
   const pg = await startPostgres();
   if (typeof pg === "string") throw new Error(pg);
   const origin = demoOrigin({ images: { img: { size }, small: { size: 64 * 1024 } } });
@@ -135,50 +143,106 @@ async function main() {
       await child.process.status;
     }
   };
+  const singles: number[] = [];
+  const clusters: number[] = [];
+  const ratios: number[] = [];
+  const plain: number[] = [];
+  const clustered: number[] = [];
   try {
-    // A single node, no cluster: the reference cold start.
-    children.push(await startNode(join(work, "single"), originUrl));
-    const single = await coldStart(children, 10, size);
-    const plainHits = await hitRate(children[0], 3000, 16);
-    await stopAll();
+    for (let run = 0; run < runs; run++) {
+      // A single node, no cluster: the reference cold start and hits.
+      children.push(await startNode(join(work, `single${run}`), originUrl));
+      singles.push(await coldStart(children, 10, size));
+      plain.push(await hitRate(children[0], 3000, 16));
+      await stopAll();
 
-    const before = origin.stats.bytesSent;
-    for (let i = 0; i < 3; i++) {
-      children.push(await startNode(join(work, `node${i}`), originUrl, pg.url));
+      const before = origin.stats.bytesSent;
+      const database = await freshDatabase(pg.url, `bench_${run}`);
+      for (let i = 0; i < 3; i++) {
+        children.push(await startNode(join(work, `node${run}-${i}`), originUrl, database));
+      }
+      clusters.push(await coldStart(children, 10, size));
+      ratios.push((origin.stats.bytesSent - before) / size);
+      clustered.push(await hitRate(children[0], 3000, 16));
+      await stopAll();
     }
-    const cluster = await coldStart(children, 10, size);
-    const originBytes = origin.stats.bytesSent - before;
-    const clusterHits = await hitRate(children[0], 3000, 16);
-    await stopAll();
-
-    const mib = (size / 2 ** 20).toFixed(0);
-    const rows = [
-      [
-        `cold start, 3 nodes × 10 clients, ${mib} MiB: origin bytes / image size`,
-        (originBytes / size).toFixed(2),
-        "1.0",
-      ],
-      [
-        "cold start: last client, 3 nodes × 10 / 1 node × 10 (no cluster)",
-        `${(cluster / single).toFixed(2)} (${cluster.toFixed(0)} ms / ${single.toFixed(0)} ms)`,
-        "—",
-      ],
-      [
-        "64 KiB hits, 16 at a time: cluster node / single node",
-        `${(clusterHits / plainHits).toFixed(2)} (${clusterHits.toFixed(0)} / ${
-          plainHits.toFixed(0)
-        } req/s)`,
-        "≈ 1.0",
-      ],
-    ];
-    console.log("| measure | result | target |\n| --- | --- | --- |");
-    for (const row of rows) console.log(`| ${row.join(" | ")} |`);
   } finally {
     await stopAll();
     await originServer.shutdown();
     await pg.close();
     await rm(work, { recursive: true, force: true });
   }
+  const single = median(singles);
+  const cluster = median(clusters);
+  const hits = median(plain);
+  const clusterHits = median(clustered);
+  const mib = (size / 2 ** 20).toFixed(0);
+  const rows = [
+    [
+      `cold start, 3 nodes × 10 clients, ${mib} MiB: origin bytes / image size`,
+      `${median(ratios).toFixed(2)} (every run: ${ratios.map((r) => r.toFixed(2)).join(", ")})`,
+      "1.0",
+    ],
+    [
+      "cold start: last client, 3 nodes × 10 / 1 node × 10 (no cluster)",
+      `${(cluster / single).toFixed(2)} (${cluster.toFixed(0)} ms / ${single.toFixed(0)} ms)`,
+      "—",
+    ],
+    [
+      "64 KiB hits, 16 at a time: cluster node / single node",
+      `${(clusterHits / hits).toFixed(2)} (${clusterHits.toFixed(0)} / ${hits.toFixed(0)} req/s)`,
+      "nothing measurable (≈ 1.0)",
+    ],
+  ];
+  const machine =
+    `${Deno.build.os}, ${navigator.hardwareConcurrency} cores, deno ${Deno.version.deno}, ${
+      (await Deno.readTextFile("/proc/loadavg").catch(() => "? ")).split(" ")[0]
+    } load`;
+  const table = [
+    BEGIN,
+    "",
+    `Medians of ${runs} runs, ${new Date().toISOString().slice(0, 10)} (${machine}), written by`,
+    "`deno task bench:cluster`.",
+    "",
+    "| measure | result | target |",
+    "| --- | --- | --- |",
+    ...rows.map((row) => `| ${row.join(" | ")} |`),
+    "",
+    END,
+  ].join("\n");
+  console.log(table);
+  if (!Deno.args.includes("--no-docs")) {
+    const root = new URL("../..", import.meta.url).pathname;
+    for (const doc of ["docs/cluster.md", "docs/benchmarks.md"]) {
+      await replaceBetween(join(root, doc), BEGIN, END, table);
+    }
+    await new Deno.Command(Deno.execPath(), {
+      args: ["fmt", "--quiet", "docs/cluster.md", "docs/benchmarks.md"],
+      cwd: root,
+    }).output();
+  }
+}
+
+const BEGIN = "<!-- bench:cluster:begin -->";
+const END = "<!-- bench:cluster:end -->";
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+/** A new, empty database on the throwaway server: each run starts with no index. */
+async function freshDatabase(url: string, name: string): Promise<string> {
+  const { default: postgres } = await import("postgres");
+  const sql = postgres(url, { max: 1, onnotice: () => {} });
+  try {
+    await sql.unsafe(`DROP DATABASE IF EXISTS ${name}`);
+    await sql.unsafe(`CREATE DATABASE ${name}`);
+  } finally {
+    await sql.end({ timeout: 1 });
+  }
+  return url.replace(/\/[^/]*$/, `/${name}`);
 }
 
 if (import.meta.main) {

@@ -432,7 +432,7 @@ export function headlineMarkdown(
 }
 
 /** Replaces what lies between `begin` and `end` in `path` (markers included) by `block`. */
-async function replaceBetween(path: string, begin: string, end: string, block: string) {
+export async function replaceBetween(path: string, begin: string, end: string, block: string) {
   const text = await readFile(path, "utf8");
   const from = text.indexOf(begin);
   const to = text.indexOf(end, from);
