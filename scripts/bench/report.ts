@@ -357,7 +357,7 @@ export function figuresMarkdown(result: Report, facts: RunFacts, runtimes: Runti
   ];
   lines.push(
     "| cluster, 3 nodes × 10 clients cold: origin bytes / image size | – | – | 1.0 | " +
-      "not measured: cluster mode is not built |",
+      "`deno task bench:cluster`: [Cluster mode](#cluster-mode) |",
   );
   if (facts.notes.length > 0) {
     lines.push(
