@@ -181,7 +181,9 @@ const MAX_RETRY_DELAY = 600_000;
  *
  * In cluster mode, `DELETE /v2/cache/{id}` and `DELETE /v2/cache` with the
  * header `x-image-cache-scope: cluster` evict on every live node (fills
- * under way included); without it, on this node only (as Glance).
+ * under way included); without it, on this node only (as Glance). With the
+ * cluster database unreachable such a delete evicts on this node and answers
+ * `503` saying the other nodes were not reached.
  *
  * Any other method on those paths answers `405` with `Allow`; an id the
  * store cannot hold answers `400`; `authorize` saying no answers `403`.
@@ -318,6 +320,13 @@ export function cacheApi(options: CacheApiOptions): Hono {
     if (cluster === undefined) return c.text("This node is not in cluster mode", 409);
     return true;
   };
+  /** After a cluster-wide delete: a 503 when the database was away (the other nodes were not reached). */
+  const reachedOnlyHere = (c: Context): Response | undefined =>
+    cluster!.databaseUp ? undefined : c.text(
+      "Deleted on this node only: the cluster database is unreachable, so the other nodes " +
+        "were not reached. Retry once it is back.",
+      503,
+    );
 
   // Background work: the prefetch worker (resumes the queue at start) and the clean timer.
   let prefetch: PrefetchQueue | undefined;
@@ -487,7 +496,7 @@ export function cacheApi(options: CacheApiOptions): Hono {
             await cluster!.evictEverywhere({
               target: (target || "both") as "cache" | "queue" | "both",
             });
-            return c.body(null, 204);
+            return reachedOnlyHere(c) ?? c.body(null, 204);
           }
           if (target !== "queue") await clearCache();
           if (target !== "cache") await clearQueue();
@@ -513,6 +522,10 @@ export function cacheApi(options: CacheApiOptions): Hono {
             const scope = clusterScope(c);
             if (typeof scope !== "boolean") return scope;
             const found = scope ? await cluster!.evictEverywhere({ id }) : await core.evict(id);
+            if (scope) {
+              const partial = reachedOnlyHere(c);
+              if (partial !== undefined) return partial;
+            }
             if (found) return c.body(null, 204);
             return c.text(`Image ${JSON.stringify(id)} is neither cached, queued nor filling`, 404);
           },

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import type { ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -171,6 +172,34 @@ export async function waitFor(check: () => boolean | Promise<boolean>, timeout =
     if (Date.now() > deadline) throw new Error("Condition not met in time");
     await sleep(10);
   }
+}
+
+/**
+ * The port a child process prints as `{"port":N}` on its stdout, waiting
+ * at most `timeout` ms; `onOutput` sees all it printed so far, each time.
+ */
+export function childPort(
+  child: ChildProcess,
+  timeout: number,
+  onOutput?: (output: string) => void,
+): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    let output = "";
+    const timer = setTimeout(() => reject(new Error(`No port from the child: ${output}`)), timeout);
+    child.stdout!.on("data", (data) => {
+      output += String(data);
+      onOutput?.(output);
+      const match = /\{"port":(\d+)\}/.exec(output);
+      if (match) {
+        clearTimeout(timer);
+        resolve(Number(match[1]));
+      }
+    });
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`The child exited with ${code}: ${output}`));
+    });
+  });
 }
 
 /** A server listening on loopback. */

@@ -15,6 +15,7 @@ import { Hono } from "hono";
 import { cacheApi, imageCache, joinCluster, MemoryStore } from "hono-image-cache";
 import { demoOrigin, generatedDigests } from "hono-image-cache/testing";
 import {
+  childPort,
   hexDigest,
   readBody,
   runtimeArgs,
@@ -23,6 +24,7 @@ import {
   waitFor,
   withTempDir,
 } from "./_helpers.ts";
+import { manage } from "./_cli.ts";
 import { startPostgres, type TestPostgres } from "./_postgres.ts";
 
 const SCRIPT = fileURLToPath(new URL("./fixtures/cluster_node.ts", import.meta.url));
@@ -33,21 +35,7 @@ const SIZE = 4 * 2 ** 20;
 const CACHE_MANAGE = fileURLToPath(new URL("../scripts/cache_manage.ts", import.meta.url));
 
 /** Runs cache-manage in this process against `url`; resolves its exit code and output. */
-async function cacheManage(url: string, args: string[]) {
-  const { main } = await import(CACHE_MANAGE) as {
-    main: (args: string[], io: unknown) => Promise<number>;
-  };
-  let stdout = "";
-  let stderr = "";
-  const code = await main(["--url", url, ...args], {
-    stdout: (text: string) => stdout += text,
-    stderr: (text: string) => stderr += text,
-    readLine: () => Promise.resolve(null),
-    env: {},
-    isTTY: false,
-  });
-  return { code, stdout, stderr };
-}
+const cacheManage = (url: string, args: string[]) => manage(url, args, {});
 
 let pg: TestPostgres | undefined;
 let skip: string | false = false;
@@ -79,24 +67,10 @@ async function startNode(dir: string, origin: string, database: string): Promise
   });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
   const logs: string[] = [];
-  const port = await new Promise<number>((resolve, reject) => {
-    let output = "";
-    const timer = setTimeout(() => reject(new Error(`No port from node: ${output}`)), 60_000);
-    child.stdout!.on("data", (data) => {
-      output += String(data);
-      for (const match of output.matchAll(/\{"log":("(?:[^"\\]|\\.)*")\}/g)) {
-        if (!logs.includes(JSON.parse(match[1]))) logs.push(JSON.parse(match[1]));
-      }
-      const match = /\{"port":(\d+)\}/.exec(output);
-      if (match) {
-        clearTimeout(timer);
-        resolve(Number(match[1]));
-      }
-    });
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`Node exited with ${code}: ${output}`));
-    });
+  const port = await childPort(child, 60_000, (output) => {
+    for (const match of output.matchAll(/\{"log":("(?:[^"\\]|\\.)*")\}/g)) {
+      if (!logs.includes(JSON.parse(match[1]))) logs.push(JSON.parse(match[1]));
+    }
   });
   return { process: child, url: `http://127.0.0.1:${port}`, exited, logs };
 }
@@ -304,7 +278,7 @@ describe("cluster mode over PostgreSQL", () => {
     });
   });
 
-  it("the database restarted during traffic: nodes serve as single nodes, then rejoin", async (t) => {
+  it("the database restarted during traffic: nodes serve as single nodes, a cluster DELETE answers 503, then they rejoin", async (t) => {
     if (skip) return t.skip(skip);
     const images = { one: 2 ** 20, two: 2 ** 20, three: 2 ** 20 };
     await withCluster(2, { images }, async ([a, b], stats) => {
@@ -321,6 +295,14 @@ describe("cluster mode over PostgreSQL", () => {
         assert.equal(await md5Of(miss), await digest("two"));
         await waitFor(async () => await metric(b, "image_cache_cluster_database_up") === 0, 5000);
         assert.equal((await fetch(`${b.url}/v2/cache/nodes/two`)).status, 503);
+        // A cluster-wide delete cannot reach the others: it evicts here and says so.
+        await (await fetch(`${b.url}/v2/images/three/file`)).body?.cancel();
+        const partial = await fetch(`${b.url}/v2/cache/three`, {
+          method: "DELETE",
+          headers: { "x-image-cache-scope": "cluster" },
+        });
+        assert.equal(partial.status, 503);
+        assert.match(await partial.text(), /this node only.*unreachable/);
       } finally {
         await pg!.start();
       }

@@ -6,7 +6,15 @@ import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { demoOrigin, generatedDigests } from "hono-image-cache/testing";
-import { hexDigest, readBody, runtimeArgs, startServer, waitFor, withTempDir } from "./_helpers.ts";
+import {
+  childPort,
+  hexDigest,
+  readBody,
+  runtimeArgs,
+  startServer,
+  waitFor,
+  withTempDir,
+} from "./_helpers.ts";
 
 const SCRIPT = fileURLToPath(new URL("./fixtures/cache_server.ts", import.meta.url));
 const SIZE = 6 * 2 ** 20;
@@ -22,22 +30,7 @@ async function startChild(dir: string, origin: string): Promise<Child> {
     stdio: ["ignore", "pipe", "inherit"],
   });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-  const port = await new Promise<number>((resolve, reject) => {
-    let output = "";
-    const timer = setTimeout(() => reject(new Error(`No port from child: ${output}`)), 30_000);
-    child.stdout!.on("data", (data) => {
-      output += String(data);
-      const match = /\{"port":(\d+)\}/.exec(output);
-      if (match) {
-        clearTimeout(timer);
-        resolve(Number(match[1]));
-      }
-    });
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`Child exited with ${code}: ${output}`));
-    });
-  });
+  const port = await childPort(child, 30_000);
   return { process: child, url: `http://127.0.0.1:${port}`, exited };
 }
 

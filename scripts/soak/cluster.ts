@@ -1,6 +1,6 @@
 /**
  * The soak's cluster: server processes (scripts/soak/server.ts) sharing one
- * cache directory. Starts them, reads what they report (store faults,
+ * cache directory (or, in cluster mode, a directory each and one index). Starts them, reads what they report (store faults,
  * errors the cache passed to `onError`), kills them (`SIGKILL` at random
  * moments, or `SIGTERM`), restarts them, restarts one that crashed by itself
  * and watches their resident memory. A process that exits by itself is a
@@ -9,6 +9,7 @@
  * @module
  */
 import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Rng } from "./data.ts";
 import { bump, type Ledger } from "./report.ts";
@@ -29,6 +30,8 @@ export interface Slot {
   incarnation: number;
   /** Kill times. */
   kills: number[];
+  /** Times it was up and listening (each start). */
+  starts: number[];
   /** Store faults reported, with their time. */
   faults: { at: number; kind: string }[];
   stderr: string[];
@@ -75,6 +78,7 @@ export class Cluster {
       up: false,
       incarnation: 0,
       kills: [],
+      starts: [],
       faults: [],
       stderr: [],
       expectExit: false,
@@ -105,6 +109,32 @@ export class Cluster {
     return this.slots[index].kills.some((at) => at >= from && at <= to);
   }
 
+  /**
+   * Whether server `index` was down (killed, not yet up again) at some
+   * moment between `from` and `to`.
+   */
+  downBetween(index: number, from: number, to: number): boolean {
+    const slot = this.slots[index];
+    return slot.kills.some((killed) => {
+      if (killed > to) return false;
+      const back = slot.starts.find((at) => at >= killed);
+      return back === undefined || back >= from;
+    });
+  }
+
+  /** The cache directory of server `index`: one shared, or one each in cluster mode. */
+  directoryOf(index: number): string {
+    const config = this.#config!;
+    return config.cluster === undefined ? config.directory : join(config.directory, `node${index}`);
+  }
+
+  /** Every cache directory of the run. */
+  get directories(): string[] {
+    return this.#config?.cluster === undefined
+      ? [this.#config!.directory]
+      : this.slots.map((slot) => this.directoryOf(slot.index));
+  }
+
   /** Store faults of server `index` between `from` and `to`, by kind. */
   storeFaultsBetween(index: number, from: number, to: number): string[] {
     return this.slots[index].faults.filter((f) => f.at >= from && f.at <= to).map((f) => f.kind);
@@ -119,6 +149,7 @@ export class Cluster {
       storeFaults: faults ?? this.#config!.storeFaults,
       seed: (seed * 31 + slot.index * 7919 + slot.incarnation) >>> 0,
       index: slot.index,
+      directory: this.directoryOf(slot.index),
     };
     const child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--quiet", SERVER_SCRIPT, JSON.stringify(config)],
@@ -194,8 +225,8 @@ export class Cluster {
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
         const stderr = slot.stderr.join("\n");
-        reject(new HarnessError(`server ${slot.index} did not start in 30 s:\n${stderr}`));
-      }, 30_000);
+        reject(new HarnessError(`server ${slot.index} did not start in 45 s:\n${stderr}`));
+      }, 45_000);
     });
     const port = await Promise.race([
       readyPromise,
@@ -207,6 +238,7 @@ export class Cluster {
     slot.url = `http://127.0.0.1:${port}`;
     slot.client = Deno.createHttpClient({});
     slot.up = true;
+    slot.starts.push(Date.now());
   }
 
   /** Stops the server of `slot` (`SIGKILL` by default, counted as a kill); waits for its exit. */

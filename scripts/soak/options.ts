@@ -17,6 +17,13 @@ export interface SoakOptions {
   clients: number;
   images: number;
   largest: number;
+  /**
+   * Cluster mode: a directory per server, one PostgreSQL index, nodes that
+   * fill from each other, database restarts.
+   */
+  cluster: boolean;
+  /** Cluster mode: restart the database every `dbRestartEvery` ms, on average (0: never). */
+  dbRestartEvery: number;
   /** Kill a server every `killEvery` ms, on average (0: never). */
   killEvery: number;
   originFaults: number;
@@ -37,7 +44,7 @@ export const MiB = 2 ** 20;
 
 const USAGE = `Usage: deno task soak [--quick] [--seed N] [--duration 90s|10m|1h]
        [--servers N] [--clients N] [--images N] [--largest MiB] [--kill-every SECONDS]
-       [--origin-faults P] [--no-store-faults] [--max-rss MiB] [--tmpfs MiB] [--strict] [--keep] [--verbose] [--json FILE]`;
+       [--origin-faults P] [--no-store-faults] [--cluster] [--db-restart-every SECONDS] [--max-rss MiB] [--tmpfs MiB] [--strict] [--keep] [--verbose] [--json FILE]`;
 
 function parseDuration(value: string): number {
   const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value);
@@ -56,7 +63,9 @@ export function parseArgs(args: string[]): SoakOptions {
     const eq = arg.indexOf("=");
     if (eq !== -1) flags.set(arg.slice(2, eq), arg.slice(eq + 1));
     else if (
-      ["quick", "keep", "verbose", "no-store-faults", "strict", "help"].includes(arg.slice(2))
+      ["quick", "keep", "verbose", "no-store-faults", "strict", "help", "cluster"].includes(
+        arg.slice(2),
+      )
     ) {
       flags.set(arg.slice(2), "true");
     } else if (i + 1 < args.length) flags.set(arg.slice(2), args[++i]);
@@ -83,6 +92,8 @@ export function parseArgs(args: string[]): SoakOptions {
     "json",
     "max-rss",
     "tmpfs",
+    "cluster",
+    "db-restart-every",
   ];
   for (const key of flags.keys()) {
     if (!known.includes(key)) throw new TypeError(`Unknown option --${key}\n${USAGE}`);
@@ -118,6 +129,8 @@ export function parseArgs(args: string[]): SoakOptions {
     clients: Math.max(1, Math.floor(number("clients", quick ? 8 : 12))),
     images: Math.max(8, Math.floor(number("images", quick ? 14 : 24))),
     largest: Math.floor(number("largest", quick ? 40 : 256) * MiB),
+    cluster: flags.has("cluster"),
+    dbRestartEvery: number("db-restart-every", quick ? 12 : 40) * 1000,
     killEvery: number("kill-every", quick ? 5 : 12) * 1000,
     originFaults: number("origin-faults", 0.25),
     storeFaults,

@@ -75,6 +75,23 @@ export interface World {
   storeFaultsBetween(index: number, from: number, to: number): string[];
   /** Idle time after which a body counts as stuck, ms. */
   idleTimeout: number;
+  /** Cluster mode: a directory per server, one index, peers. */
+  cluster: boolean;
+  /** How many servers the run has. */
+  servers: number;
+  /** Whether server `index` was down at some moment between `from` and `to`. */
+  downBetween(index: number, from: number, to: number): boolean;
+  /** Cluster mode: whether the database was down (or the nodes reconnecting) between `from` and `to`. */
+  databaseDownBetween(from: number, to: number): boolean;
+}
+
+/**
+ * Whether an answer's bytes came from a fill this request did not start
+ * (so the origin faults of that fill explain its ending): a fill it joined
+ * on this server, or (cluster mode) a peer's fill or entry.
+ */
+function sharedFill(cacheStatus: string): boolean {
+  return /collapsed|;\s*peer\b/.test(cacheStatus);
 }
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -122,7 +139,7 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
   // but must not end cleanly with a body.
   const lengthFault = (r: OriginRecord) => r.fault === "short-length" || r.fault === "long-length";
   const originLied = !hit && (origin.some(lengthFault) ||
-    (/collapsed/.test(cacheStatus) &&
+    (sharedFill(cacheStatus) &&
       world.originRecords.some((r) =>
         r.id === image.id && lengthFault(r) && (r.done ?? Infinity) >= exp.started - 1000
       )));
@@ -225,7 +242,7 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
   if (!hit) {
     const shortOf = (r: OriginRecord) => r.fault === "short-length" && r.detail !== undefined;
     if (own !== undefined && shortOf(own)) allowedLengths.add(own.detail!);
-    if (/collapsed/.test(cacheStatus)) {
+    if (sharedFill(cacheStatus)) {
       for (const r of world.originRecords) {
         if (r.id === image.id && shortOf(r) && (r.done ?? Infinity) >= exp.started - 1000) {
           allowedLengths.add(r.detail!);
@@ -331,7 +348,7 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     explained = world.killedBetween(exp.server, exp.started, endedAt) ? "killed" : undefined;
     if (explained === undefined) {
       // A range of a fill waits for the fill's verdict before its last byte (finding 12).
-      const lastByte = status === 206 && /collapsed/.test(cacheStatus) &&
+      const lastByte = status === 206 && sharedFill(cacheStatus) &&
         received === expectedLength - 1;
       fail(
         lastByte ? "stuck-range-last-byte" : "stuck",
@@ -356,7 +373,7 @@ export function explainCut(
   if (world.killedBetween(exp.server, exp.started, endedAt + 1000)) return "killed";
   const own = world.originByRequest.get(exp.req) ?? [];
   if (own.some((r) => CUTTING_FAULTS.has(r.fault))) return "origin-fault";
-  if (/collapsed/.test(cacheStatus)) {
+  if (sharedFill(cacheStatus)) {
     const shared = world.originRecords.some((r) =>
       r.id === exp.image.id && CUTTING_FAULTS.has(r.fault) && r.at <= endedAt &&
       (r.done === undefined || r.done >= exp.started - 1000)
@@ -381,17 +398,24 @@ export interface Deletion {
  * Deletion wins (invariant 7): a request sent after a `DELETE` was answered
  * 2xx is served from the cache only by a fill whose origin fetch began
  * after that `DELETE` was sent.
+ *
+ * In cluster mode the `DELETE` reaches every node that is up and connected
+ * to the index (docs/cluster.md): a node that was down meanwhile (or every
+ * node but the deleting one, when the database was) keeps its copy, as
+ * documented.
  */
 export function checkDeletionWins(
   exp: Expectation,
   judged: Judged,
   deleted: Deletion | undefined,
   records: OriginRecord[],
+  world: World,
 ): Violation | undefined {
   if (
     deleted === undefined || exp.started <= deleted.at ||
-    !/;\s*(hit|fwd=miss; collapsed)/.test(judged.cacheStatus)
+    !/;\s*(hit|fwd=miss; collapsed)|;\s*peer\b/.test(judged.cacheStatus)
   ) return undefined;
+  if (world.cluster && unreached(deleted, world)) return undefined;
   const id = exp.image.id;
   const refilled = records.some((r) =>
     r.id === id && r.method === "GET" && r.status === 200 && r.at > deleted.sent
@@ -410,6 +434,21 @@ export function checkDeletionWins(
     message: `"${judged.cacheStatus}" ${exp.started - deleted.at} ms after ${deleted.what} ` +
       `on server ${deleted.server}; last origin GETs (relative to sent): ${fetches.join(" ")}`,
   };
+}
+
+/**
+ * Cluster mode: whether some node may have missed `deleted` (the database
+ * was away, or a node other than the deleting one was down meanwhile). Such
+ * a node keeps its copy, serves it and offers it to its peers, the deleting
+ * node included: any answer from the cache may then come from it.
+ */
+function unreached(deleted: Deletion, world: World): boolean {
+  const { sent, at, server } = deleted;
+  if (world.databaseDownBetween(sent, at)) return true;
+  for (let index = 0; index < world.servers; index++) {
+    if (index !== server && world.downBetween(index, sent, at)) return true;
+  }
+  return false;
 }
 
 /** A request that could not be sent or got no answer: explained only by a kill. */

@@ -19,6 +19,8 @@ export interface Counts {
   bytes: number;
   kills: number;
   restarts: number;
+  /** Cluster mode: database stops and starts. */
+  databaseRestarts: number;
   checks: number;
   warnings: Record<string, number>;
 }
@@ -61,6 +63,7 @@ export class Ledger {
     bytes: 0,
     kills: 0,
     restarts: 0,
+    databaseRestarts: 0,
     checks: 0,
     warnings: {},
   };
@@ -103,6 +106,7 @@ export interface RunFacts {
   started: number;
   duration: number;
   quick: boolean;
+  cluster: boolean;
   strict: boolean;
   servers: number;
   clients: number;
@@ -152,6 +156,7 @@ export async function printSummary(
     cacheErrorsReported: counts.cacheErrors,
     kills: counts.kills,
     restarts: counts.restarts,
+    ...(facts.cluster ? { databaseRestarts: counts.databaseRestarts } : {}),
     directoryChecks: counts.checks,
     peakRssMiB: facts.peakRss.map((bytes) => Math.round(bytes / MiB)),
     warnings: counts.warnings,
@@ -167,7 +172,7 @@ export async function printSummary(
     await Deno.writeTextFile(facts.json, JSON.stringify(summary, null, 2) + "\n");
   }
   const replay = `deno task soak --seed ${facts.seed} --duration ${facts.duration / 1000}s` +
-    (facts.quick ? " --quick" : "");
+    (facts.quick ? " --quick" : "") + (facts.cluster ? " --cluster" : "");
   const failing = found.filter((f) => f.known === undefined || facts.strict);
   const known: Record<string, number> = {};
   for (const f of found) if (f.known !== undefined) bump(known, f.known);

@@ -1,7 +1,9 @@
 /**
  * One soak server process: a Hono app with `cacheApi()` and `imageCache()`
  * over a `FileSystemStore` on the shared directory, wrapped in a
- * fault-injecting store, in front of the soak origin.
+ * fault-injecting store, in front of the soak origin. In cluster mode each
+ * server has a directory of its own and joins the cluster (`joinCluster`)
+ * on the soak's PostgreSQL, retrying while the database is away.
  *
  * Started by `scripts/soak/soak.ts` with one argument, a JSON config. Speaks on
  * stdout, one line per event: `READY {"port","pid","features"}` once the
@@ -12,7 +14,7 @@
  * @module
  */
 import { Hono } from "hono";
-import { cacheApi, FileSystemStore, imageCache } from "../../mod.ts";
+import { cacheApi, type Cluster, FileSystemStore, imageCache, joinCluster } from "../../mod.ts";
 import { Rng } from "./data.ts";
 import { type StoreFaultRates, withStoreFaults } from "./store.ts";
 
@@ -25,6 +27,8 @@ export interface SoakServerConfig {
   /** This server's index, sent to the origin as `x-soak-server`. */
   index: number;
   storeFaults: StoreFaultRates;
+  /** Cluster mode: the index's database and the cluster secret. */
+  cluster?: { database: string; secret: string };
 }
 
 const config = JSON.parse(Deno.args[0]) as SoakServerConfig;
@@ -46,72 +50,108 @@ const store = withStoreFaults(
 );
 
 /** Cache-side faults, counted by the orchestrator. */
-const onError = (error: unknown) =>
+const onError = (error: unknown): void =>
   out(`ERROR ${String((error as Error)?.message ?? error).slice(0, 200)}`);
 
-const app = new Hono();
-app.route(
-  "/",
-  cacheApi({
+const fetchOrigin = (id: string, signal: AbortSignal, options?: { start?: number }) =>
+  fetch(`${config.origin}/v2/images/${encodeURIComponent(id)}/file`, {
+    signal,
+    headers: {
+      "x-soak-req": options === undefined ? "prefetch" : "peer-failover",
+      "x-soak-server": String(config.index),
+      ...(options?.start ? { range: `bytes=${options.start}-` } : {}),
+    },
+  });
+
+/** The app, once this server knows its cluster (its self URL needs the port). */
+function makeApp(cluster: Cluster | undefined): Hono {
+  const app = new Hono();
+  app.route(
+    "/",
+    cacheApi({ store, authorize: () => true, onError, cluster, fetchImage: fetchOrigin }),
+  );
+  app.use(imageCache({
     store,
-    authorize: () => true,
     onError,
-    fetchImage: (id: string, signal: AbortSignal) =>
-      fetch(`${config.origin}/v2/images/${encodeURIComponent(id)}/file`, {
-        signal,
-        headers: { "x-soak-req": "prefetch", "x-soak-server": String(config.index) },
-      }),
-  }),
-);
-app.use(imageCache({
-  store,
-  onError,
-  // A slow access check, as the orchestrator asks: the fill may end (or move
-  // on far past the window) while a request that joined it waits here.
-  authorize: async (c) => {
-    const delay = Number(c.req.header("x-soak-authorize-delay") ?? 0);
-    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, Math.min(delay, 5000)));
-    return true;
-  },
-}));
-app.all("*", async (c) => {
-  const url = c.req.url;
-  const path = url.slice(url.indexOf("/", url.indexOf("://") + 3));
-  const headers = new Headers(c.req.raw.headers);
-  headers.delete("host");
-  headers.set("x-soak-server", String(config.index));
-  try {
-    // No client signal: a client hanging up must not cancel a fill (invariant 4).
-    return await fetch(config.origin + path, {
-      method: c.req.method,
-      headers,
-      redirect: "manual",
-    });
-  } catch {
-    return c.text("origin unreachable", 502, { "x-soak-proxy-error": "1" });
+    cluster,
+    // A slow access check, as the orchestrator asks: the fill may end (or move
+    // on far past the window) while a request that joined it waits here.
+    authorize: async (c) => {
+      const delay = Number(c.req.header("x-soak-authorize-delay") ?? 0);
+      if (delay > 0) await new Promise((resolve) => setTimeout(resolve, Math.min(delay, 5000)));
+      return true;
+    },
+  }));
+  app.all("*", async (c) => {
+    const url = c.req.url;
+    const path = url.slice(url.indexOf("/", url.indexOf("://") + 3));
+    const headers = new Headers(c.req.raw.headers);
+    headers.delete("host");
+    headers.set("x-soak-server", String(config.index));
+    try {
+      // No client signal: a client hanging up must not cancel a fill (invariant 4).
+      return await fetch(config.origin + path, {
+        method: c.req.method,
+        headers,
+        redirect: "manual",
+      });
+    } catch {
+      return c.text("origin unreachable", 502, { "x-soak-proxy-error": "1" });
+    }
+  });
+  app.onError((error, c) => {
+    out(`ERROR unhandled ${String(error?.message ?? error).slice(0, 200)}`);
+    return c.text("internal error", 500);
+  });
+  return app;
+}
+
+/** Joins the cluster, retrying (at most 30 s) while the database is away (restarted by the soak). */
+async function join(selfUrl: string): Promise<Cluster> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    try {
+      return await joinCluster({
+        store,
+        database: config.cluster!.database,
+        selfUrl,
+        secret: config.cluster!.secret,
+        fetchImage: fetchOrigin,
+        heartbeatInterval: 250,
+        deadAfter: 2000,
+        syncInterval: 1000,
+        peerStallTimeout: 4000,
+        onError,
+      });
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
   }
-});
-app.onError((error, c) => {
-  out(`ERROR unhandled ${String(error?.message ?? error).slice(0, 200)}`);
-  return c.text("internal error", 500);
-});
+}
 
 await store.list(); // The start sweep is over once the store answers.
-const server = Deno.serve({
-  hostname: "127.0.0.1",
-  port: 0,
-  onListen: ({ port }) => {
-    out(`READY ${
-      JSON.stringify({
-        port,
-        pid: Deno.pid,
-        features: { cacheApi: true },
-      })
-    }`);
-  },
-}, app.fetch);
+/** The app, set once this server knows its cluster (a request before that gets a 503). */
+const ready: { app?: Hono } = {};
+let listening!: (port: number) => void;
+const port = new Promise<number>((resolve) => listening = resolve);
+const server = Deno.serve(
+  { hostname: "127.0.0.1", port: 0, onListen: ({ port }) => listening(port) },
+  (request) => ready.app?.fetch(request) ?? new Response("starting", { status: 503 }),
+);
+const selfUrl = `http://127.0.0.1:${await port}`;
+const cluster = config.cluster === undefined ? undefined : await join(selfUrl);
+ready.app = makeApp(cluster);
+out(`READY ${
+  JSON.stringify({
+    port: await port,
+    pid: Deno.pid,
+    features: { cacheApi: true },
+  })
+}`);
 
 const stop = async () => {
+  await cluster?.close().catch(() => {});
   await server.shutdown().catch(() => {});
   await store.close().catch(() => {});
   Deno.exit(0);

@@ -16,6 +16,11 @@
  * request shapes), `oracle.ts` (what each answer and the directory may be),
  * `report.ts` (counts, violations, summary).
  *
+ * `--cluster` runs the servers as a cluster (DESIGN.md §7): a directory
+ * each, one throwaway PostgreSQL (tests/_postgres.ts) as the index, nodes
+ * filling from each other, deletes reaching every node, and the database
+ * stopped (immediate mode, as a crash) and started again during the traffic.
+ *
  * Prints counts (requests, bytes, faults by kind, kills, violations) and
  * exits with 1 on any violation, printing the seed to replay it (the same
  * seed gives the same images and the same random choices; the timing of a
@@ -38,6 +43,10 @@ import { SoakOrigin } from "./origin.ts";
 import { Ledger, printSummary } from "./report.ts";
 import { NO_STORE_FAULTS } from "./store.ts";
 import { Workload } from "./workload.ts";
+import { startPostgres, type TestPostgres } from "../../tests/_postgres.ts";
+
+/** After the database is back, how long the nodes may take to reconnect and resync, ms. */
+const RECONNECT_SLACK = 5_000;
 
 async function main(): Promise<number> {
   let options: SoakOptions;
@@ -83,7 +92,13 @@ async function main(): Promise<number> {
     log,
     verbose: options.verbose,
   });
+  /** Cluster mode: when the database was down, `to` being when it was back plus the slack. */
+  const databaseDown: { from: number; to: number }[] = [];
   const world: World = {
+    cluster: options.cluster,
+    servers: options.servers,
+    downBetween: (index, from, to) => cluster.downBetween(index, from, to),
+    databaseDownBetween: (from, to) => databaseDown.some((d) => d.from <= to && d.to >= from),
     originByRequest: origin.byRequest,
     originRecords: origin.records,
     idleTimeout: options.idleTimeout,
@@ -92,9 +107,11 @@ async function main(): Promise<number> {
   };
 
   let mounted = false;
+  let postgres: TestPostgres | undefined;
   const cleanup = async () => {
     cluster.stopping = true;
     await cluster.killAll().catch(() => {});
+    await postgres?.close().catch(() => {});
     await origin.close().catch(() => {});
     if (mounted) {
       if (await unmount(directory)) mounted = false;
@@ -116,34 +133,40 @@ async function main(): Promise<number> {
     cleanup().finally(() => Deno.exit(2));
   }, hardLimit);
 
-  const memory: DirectoryMemory = {
-    verified: new Set(),
-    unowned: new Set(),
-    deadOwners: new Set(),
+  const memories = new Map<string, DirectoryMemory>();
+  const memoryOf = (dir: string) => {
+    let memory = memories.get(dir);
+    if (memory === undefined) {
+      memory = { verified: new Set(), unowned: new Set(), deadOwners: new Set() };
+      memories.set(dir, memory);
+    }
+    return memory;
   };
   const largest = catalog.images.reduce((max, image) => Math.max(max, image.size), 0);
   /** The oracle's directory check; `quiescent`: no server is writing (strict). */
   const checkpoint = async (why: string, quiescent: boolean) => {
     ledger.counts.checks++;
-    const report = await checkDirectory({
-      root,
-      directory,
-      catalog,
-      deadPids: cluster.deadPids,
-      maxSize: cluster.hasCacheApi ? maxSize : undefined,
-      slack: quiescent ? 0 : largest * options.servers,
-      quiescent,
-      memory,
-    });
-    for (const v of report.violations) ledger.violation(v, `directory check (${why})`);
-    for (const w of report.warnings) ledger.warn(w);
-    if (options.verbose || quiescent) {
-      log(
-        `check (${why}): ${report.entries} entries, ${(report.bytes / MiB).toFixed(1)} MiB, ` +
-          `${report.incomplete} partial, ${report.invalid} invalid, ${report.queued} queued, ${report.violations.length} violations`,
-      );
+    for (const dir of cluster.directories) {
+      const report = await checkDirectory({
+        root,
+        directory: dir,
+        catalog,
+        deadPids: cluster.deadPids,
+        maxSize: cluster.hasCacheApi ? maxSize : undefined,
+        slack: quiescent ? 0 : largest * (options.cluster ? 1 : options.servers),
+        quiescent,
+        memory: memoryOf(dir),
+      });
+      for (const v of report.violations) ledger.violation(v, `directory check (${why})`);
+      for (const w of report.warnings) ledger.warn(w);
+      if (options.verbose || quiescent) {
+        log(
+          `check (${why})${dir === directory ? "" : ` of ${dir.slice(directory.length + 1)}`}: ` +
+            `${report.entries} entries, ${(report.bytes / MiB).toFixed(1)} MiB, ` +
+            `${report.incomplete} partial, ${report.invalid} invalid, ${report.queued} queued, ${report.violations.length} violations`,
+        );
+      }
     }
-    return report;
   };
 
   let exitCode = 0;
@@ -154,7 +177,21 @@ async function main(): Promise<number> {
       mounted = true;
     }
     const originUrl = await origin.listen();
-    cluster.configure({ directory, origin: originUrl, maxSize, storeFaults: options.storeFaults });
+    let clusterConfig: { database: string; secret: string } | undefined;
+    if (options.cluster) {
+      const started = await startPostgres();
+      if (typeof started === "string") throw new HarnessError(`cluster mode: ${started}`);
+      postgres = started;
+      clusterConfig = { database: started.url, secret: `soak-secret-${options.seed}-0123456789` };
+      log(`cluster mode: PostgreSQL on ${started.url}`);
+    }
+    cluster.configure({
+      directory,
+      origin: originUrl,
+      maxSize,
+      storeFaults: options.storeFaults,
+      cluster: clusterConfig,
+    });
     await Promise.all(cluster.slots.map((slot) => cluster.start(slot)));
     log(
       `origin ${originUrl}; servers on ${cluster.slots.map((s) => s.url).join(", ")}; cacheApi: ${
@@ -189,22 +226,36 @@ async function main(): Promise<number> {
         (slot) => checkpoint(`after restart of server ${slot.index}`, false),
       ),
       cluster.watch(deadline, options.maxRss, progress),
+      restartDatabase(postgres, rng.fork(), options.dbRestartEvery, deadline, (down) => {
+        databaseDown.push(down);
+        ledger.counts.databaseRestarts++;
+        if (options.verbose) {
+          log(`database restarted (down ${down.to - down.from - RECONNECT_SLACK} ms)`);
+        }
+      }, () => cluster.stopping),
     ]);
     await workload.drain();
 
-    // The end: crash everything, restart one server without faults, check strictly.
-    log("workload over: killing every server, restarting one, checking");
+    // The end: crash everything, restart one server (in cluster mode, every
+    // node: each sweeps its own directory) without faults, check strictly.
+    log(
+      `workload over: killing every server, restarting ${
+        options.cluster ? "them" : "one"
+      }, checking`,
+    );
     await cluster.killAll();
     origin.setFaultRate(0);
-    await cluster.start(cluster.slots[0], NO_STORE_FAULTS);
-    ledger.counts.restarts++;
+    for (const slot of options.cluster ? cluster.slots : [cluster.slots[0]]) {
+      await cluster.start(slot, NO_STORE_FAULTS);
+      ledger.counts.restarts++;
+    }
     // A store that starts over maxSize prunes itself at start, asynchronously:
     // give it a moment (bounded) before the strict check.
-    await waitWithinMaxSize(directory, maxSize, 5_000);
+    for (const dir of cluster.directories) await waitWithinMaxSize(dir, maxSize, 5_000);
     await checkpoint("after crashing every server", true);
     // Everything still cached must be served right, from the cache.
     await workload.finalPass(cluster.slots[0]);
-    await cluster.kill(cluster.slots[0], "SIGTERM");
+    for (const slot of cluster.slots) if (slot.up) await cluster.kill(slot, "SIGTERM");
   } catch (error) {
     // Once stopping (interrupted, or over budget), a server that cannot start is expected.
     if (!cluster.stopping) {
@@ -224,6 +275,7 @@ async function main(): Promise<number> {
     started,
     duration: options.duration,
     quick: options.quick,
+    cluster: options.cluster,
     strict: options.strict,
     servers: options.servers,
     clients: options.clients,
@@ -235,6 +287,35 @@ async function main(): Promise<number> {
     peakRss: cluster.slots.map((s) => s.peakRss),
     json: options.json,
   }, exitCode);
+}
+
+/**
+ * Cluster mode: until `deadline` (less 5 s), stops the database (immediate
+ * mode, as a crash) every `every` ms on average, for 0.3 to 3 s, and starts
+ * it again. Reports each outage twice, as the same object: when it begins
+ * (`to` is `Infinity`) and when the database is back (`to` is then).
+ */
+async function restartDatabase(
+  postgres: TestPostgres | undefined,
+  r: Rng,
+  every: number,
+  deadline: number,
+  onDown: (down: { from: number; to: number }) => void,
+  stopping: () => boolean,
+): Promise<void> {
+  if (postgres === undefined || every <= 0) return;
+  while (!stopping()) {
+    const wait = r.int(Math.floor(every / 2), Math.floor(every * 1.5));
+    if (Date.now() + wait >= deadline - 5000) return;
+    await sleep(wait);
+    const down = { from: Date.now(), to: Infinity };
+    onDown(down);
+    await postgres.stop();
+    await sleep(r.int(300, 3000));
+    await postgres.start();
+    down.to = Date.now();
+    onDown(down);
+  }
 }
 
 /** Waits (at most `timeout` ms) until the committed entries of `directory` fit in `maxSize`. */

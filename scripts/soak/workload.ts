@@ -221,7 +221,7 @@ export class Workload {
     if (judged.explained) bump(counts.explained, judged.explained);
     counts.bytes += judged.bytes;
     const deleted = this.#deletedAt.get(exp.image.id);
-    const deletion = checkDeletionWins(exp, judged, deleted, origin.records);
+    const deletion = checkDeletionWins(exp, judged, deleted, origin.records, this.#options.world);
     if (deletion !== undefined) judged.violations.push(deletion);
     for (const v of judged.violations) {
       ledger.violation(
@@ -419,8 +419,21 @@ export class Workload {
       allowed = target === "nonsense" ? [400] : [204];
       targets = target === "queue" || target === "nonsense" ? [] : catalog.images.map((i) => i.id);
     }
+    const { world, ledger } = this.#options;
+    if (world.cluster && action !== "delete") {
+      // The management API deletes on every node; with the database away it
+      // deletes here only and answers 503 saying so.
+      headers["x-image-cache-scope"] = "cluster";
+      if (!allowed.includes(400)) allowed = [...allowed, 503];
+    }
     const sent = Date.now();
     const res = await this.#plainRequest(slot, req, action, "DELETE", path, headers, allowed);
+    if (res?.status === 503 && !world.databaseDownBetween(sent, Date.now())) {
+      ledger.violation(
+        { kind: "status", message: `cluster DELETE answered 503 with the database up` },
+        `req ${req} server ${slot.index} DELETE ${path}`,
+      );
+    }
     if (res !== undefined && res.status >= 200 && res.status < 300 && res.status !== 404) {
       const at = Date.now();
       const what = `${req} DELETE ${path} ${JSON.stringify(headers)} -> ${res.status}`;
