@@ -41,7 +41,7 @@ export type {
   FetchImageOptions,
 } from "./src/cache_api.ts";
 export { joinCluster } from "./src/cluster.ts";
-export type { Cluster, ClusterOptions } from "./src/cluster.ts";
+export type { Cluster, ClusterEviction, ClusterOptions } from "./src/cluster.ts";
 export { CACHE_STATUS_DETAILS } from "./src/cache_status.ts";
 export type { CacheStatusDetail } from "./src/cache_status.ts";
 export { METRICS_CONTENT_TYPE, metricsText } from "./src/metrics.ts";

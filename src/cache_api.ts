@@ -182,8 +182,8 @@ const MAX_RETRY_DELAY = 600_000;
  * In cluster mode, `DELETE /v2/cache/{id}` and `DELETE /v2/cache` with the
  * header `x-image-cache-scope: cluster` evict on every live node (fills
  * under way included); without it, on this node only (as Glance). With the
- * cluster database unreachable such a delete evicts on this node and answers
- * `503` saying the other nodes were not reached.
+ * cluster database unreachable, such a delete asks the peers known at the
+ * last sync directly, and answers `503` when one of them did not answer.
  *
  * Any other method on those paths answers `405` with `Allow`; an id the
  * store cannot hold answers `400`; `authorize` saying no answers `403`.
@@ -320,11 +320,11 @@ export function cacheApi(options: CacheApiOptions): Hono {
     if (cluster === undefined) return c.text("This node is not in cluster mode", 409);
     return true;
   };
-  /** After a cluster-wide delete: a 503 when the database was away (the other nodes were not reached). */
-  const reachedOnlyHere = (c: Context): Response | undefined =>
-    cluster!.databaseUp ? undefined : c.text(
-      "Deleted on this node only: the cluster database is unreachable, so the other nodes " +
-        "were not reached. Retry once it is back.",
+  /** After a cluster-wide delete: a 503 when some node may not have been reached. */
+  const notEverywhere = (c: Context, result: { everywhere: boolean }): Response | undefined =>
+    result.everywhere ? undefined : c.text(
+      "Deleted on this node and on the peers that answered, but the cluster database is " +
+        "unreachable and some known peer did not answer: retry once the database is back.",
       503,
     );
 
@@ -493,10 +493,10 @@ export function cacheApi(options: CacheApiOptions): Hono {
           const scope = clusterScope(c);
           if (typeof scope !== "boolean") return scope;
           if (scope) {
-            await cluster!.evictEverywhere({
+            const result = await cluster!.evictEverywhere({
               target: (target || "both") as "cache" | "queue" | "both",
             });
-            return reachedOnlyHere(c) ?? c.body(null, 204);
+            return notEverywhere(c, result) ?? c.body(null, 204);
           }
           if (target !== "queue") await clearCache();
           if (target !== "cache") await clearQueue();
@@ -521,11 +521,13 @@ export function cacheApi(options: CacheApiOptions): Hono {
           run: async (c, id) => {
             const scope = clusterScope(c);
             if (typeof scope !== "boolean") return scope;
-            const found = scope ? await cluster!.evictEverywhere({ id }) : await core.evict(id);
+            let found;
             if (scope) {
-              const partial = reachedOnlyHere(c);
+              const result = await cluster!.evictEverywhere({ id });
+              const partial = notEverywhere(c, result);
               if (partial !== undefined) return partial;
-            }
+              found = result.found;
+            } else found = await core.evict(id);
             if (found) return c.body(null, 204);
             return c.text(`Image ${JSON.stringify(id)} is neither cached, queued nor filling`, 404);
           },

@@ -69,6 +69,26 @@ export interface ClusterOptions {
 }
 
 /**
+ * What {@linkcode Cluster.evict} did.
+ *
+ * @example A delete that must reach the whole fleet
+ * ```ts ignore
+ * const { found, everywhere } = await cluster.evict("cirros");
+ * if (!everywhere) console.warn("some node was not reached: retry once the database is back");
+ * ```
+ */
+export interface ClusterEviction {
+  /** Whether any node had the image (or, without an id, anything). */
+  found: boolean;
+  /**
+   * Whether every node was reached: through the database (index rows and
+   * `NOTIFY`), or, with the database away, every peer known at the last
+   * sync answered.
+   */
+  everywhere: boolean;
+}
+
+/**
  * A node's membership of a cluster, from {@linkcode joinCluster}: give it
  * to `imageCache`, `cacheApi` and `proxyApp` as their `cluster` option.
  */
@@ -90,9 +110,14 @@ export interface Cluster {
   /**
    * Evicts on every live node, fills under way included (deletion wins,
    * fleet-wide): the image's entry, queue marker and fill, or (without an
-   * id) what `target` names. Resolves whether any node had anything.
+   * id) what `target` names. With the database away, the peers known at
+   * the last sync are asked directly. Resolves whether any node had
+   * anything and whether every node was reached.
    */
-  evict(imageId?: string, options?: { target?: "cache" | "queue" | "both" }): Promise<boolean>;
+  evict(
+    imageId?: string,
+    options?: { target?: "cache" | "queue" | "both" },
+  ): Promise<ClusterEviction>;
   /** The node's cluster metrics in the Prometheus text format (appended to `/metrics`). */
   metricsText(): string;
   /** Stops the heartbeat, deregisters this node (its rows and leases go) and disconnects. */

@@ -517,7 +517,8 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (c.res.status >= 200 && c.res.status < 300) {
       try {
         // Deleted at the origin: evicted on every node in cluster mode.
-        await (cluster?.evictEverywhere({ id }) ?? core.evict(id));
+        if (cluster !== undefined) await cluster.evictEverywhere({ id });
+        else await core.evict(id);
       } catch (error) {
         report(c)(error);
       }

@@ -179,6 +179,12 @@ export class Cluster {
             const kind = line.slice(6);
             slot.faults.push({ at: Date.now(), kind });
             bump(ledger.counts.storeFaults, kind);
+          } else if (line.startsWith("LOG ")) {
+            // The cluster's own log (database lost or back, sources replaced): kept with
+            // the server's stderr for a crash report, printed with --verbose.
+            slot.stderr.push(`[pid ${pid}] ${line}`);
+            if (slot.stderr.length > 60) slot.stderr.shift();
+            if (this.#options.verbose) this.#options.log(`server ${slot.index}: ${line.slice(4)}`);
           } else if (line.startsWith("ERROR ")) {
             const message = line.slice(6);
             if (message.startsWith("unhandled")) {

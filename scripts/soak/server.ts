@@ -8,7 +8,8 @@
  * Started by `scripts/soak/soak.ts` with one argument, a JSON config. Speaks on
  * stdout, one line per event: `READY {"port","pid","features"}` once the
  * store's start sweep is done, `FAULT <kind>` per injected store fault,
- * `ERROR <message>` per fault the cache reported to `onError`. Exits when
+ * `ERROR <message>` per fault the cache reported to `onError`, `LOG <line>`
+ * per line of the cluster's log (cluster mode). Exits when
  * its stdin closes (the orchestrator is gone), so it never outlives a run.
  *
  * @module
@@ -121,6 +122,7 @@ async function join(selfUrl: string): Promise<Cluster> {
         deadAfter: 2000,
         syncInterval: 1000,
         peerStallTimeout: 4000,
+        onLog: (line) => out(`LOG ${line.slice(0, 300)}`),
         onError,
       });
     } catch (error) {

@@ -99,6 +99,17 @@ function order(holders: Holder[]): Holder[] {
   return [...cached, ...holders.filter((holder) => holder.state === "filling")];
 }
 
+/** What a cluster-wide delete did. */
+export interface EvictionResult {
+  /** Whether any node had anything. */
+  found: boolean;
+  /**
+   * Whether it reached every node: through the database (rows, NOTIFY), or,
+   * with the database away, every peer known at the last sync answered.
+   */
+  everywhere: boolean;
+}
+
 /** One node of a cluster (the object `joinCluster` resolves). */
 export class ClusterNode implements PeerHost, PeerClient {
   readonly store: ImageStore;
@@ -129,6 +140,8 @@ export class ClusterNode implements PeerHost, PeerClient {
   #writes: Promise<void> = Promise.resolve();
   /** Images whose fill lease this node holds. */
   readonly #leases = new Set<string>();
+  /** The live peers' URLs at the last sync: asked directly by a delete while the database is away. */
+  #knownPeers: string[] = [];
   #unobserve: () => void = () => {};
   #unguard: () => void = () => {};
   #unlisten: (() => Promise<void>) | undefined;
@@ -156,6 +169,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       await migrate(sql);
       await node.#registry.register();
       await node.#registry.sync(await node.store.list());
+      node.#knownPeers = await node.#registry.peers();
       node.#lastSync = Date.now();
       const listener = await sql.listen(EVICT_CHANNEL, (payload) => node.#notified(payload));
       node.#unlisten = () => listener.unlisten();
@@ -251,6 +265,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       await registry.progress(fills);
       if (full || Date.now() - this.#lastSync >= this.#settings.syncInterval) {
         await registry.sync(await this.store.list());
+        this.#knownPeers = await registry.peers();
         this.#lastSync = Date.now();
       }
       this.#failedBeats = 0;
@@ -488,30 +503,53 @@ export class ClusterNode implements PeerHost, PeerClient {
   /**
    * Evicts on every live node: here first, then the index rows of every
    * node go, a NOTIFY reaches every listening node, and each live peer is
-   * asked directly (at most a second each). Resolves whether any node had
-   * anything (this one, a row, or a peer's answer).
+   * asked directly (at most a second each), twice (see below). With the database away, the
+   * peers known at the last sync are asked directly. Resolves whether any
+   * node had anything (this one, a row, or a peer's answer), and whether
+   * every node was reached.
    */
-  async evictEverywhere(eviction: Eviction): Promise<boolean> {
+  async evictEverywhere(eviction: Eviction): Promise<EvictionResult> {
     let found = await this.evictHere(eviction);
-    if (!this.#up) {
-      // The database is down: the peers this node cannot see are left; say so.
-      this.#settings.onLog("cluster database unreachable: the delete reached this node only");
-      return found;
-    }
-    let peers: string[] = [];
-    try {
-      if (eviction.target !== "queue") {
-        if (await this.#registry.forget(eviction.id) > 0) found = true;
+    let peers = this.#knownPeers;
+    let everywhere = false;
+    if (this.#up) {
+      try {
+        if (eviction.target !== "queue") {
+          if (await this.#registry.forget(eviction.id) > 0) found = true;
+        }
+        await this.#registry.notify(JSON.stringify({ ...eviction, from: this.selfUrl }));
+        // Every listening node has the NOTIFY: the direct asks are for speed and answers.
+        everywhere = true;
+        peers = this.#knownPeers = await this.#registry.peers();
+      } catch (error) {
+        this.#down(error);
       }
-      await this.#registry.notify(JSON.stringify({ ...eviction, from: this.selfUrl }));
-      peers = await this.#registry.peers();
-    } catch (error) {
-      this.#down(error);
     }
-    const answers = await Promise.all(
-      peers.map((url) => evictOnPeer(this, url, eviction, EVICT_TIMEOUT)),
-    );
-    return found || answers.some((answer) => answer === true);
+    const ask = () =>
+      Promise.all(peers.map((url) => evictOnPeer(this, url, eviction, EVICT_TIMEOUT)));
+    const answers = await ask();
+    if (peers.length > 0) {
+      // A second round: while the first went round, a node already evicted could
+      // fill from a peer not yet evicted, and commit that old copy. Once every
+      // node has evicted, no old copy is left to fill from: this round evicts
+      // those copies (fills under way included) and none can come back.
+      await this.evictHere(eviction);
+      const again = await ask();
+      for (const [i, answer] of again.entries()) {
+        if (answer === undefined) answers[i] = undefined;
+        else if (answers[i] !== undefined) answers[i] = answers[i] || answer;
+      }
+    }
+    if (!everywhere) {
+      // The database is away: the peers known at the last sync were asked directly.
+      everywhere = answers.every((answer) => answer !== undefined);
+      this.#settings.onLog(
+        `cluster database unreachable: the delete reached this node and ${
+          answers.filter((answer) => answer !== undefined).length
+        } of ${peers.length} known peer(s) directly`,
+      );
+    }
+    return { found: found || answers.some((answer) => answer === true), everywhere };
   }
 
   #notified(payload: string): void {
