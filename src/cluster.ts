@@ -316,6 +316,12 @@ function clusterMetrics(node: ClusterNode): string {
       node.databaseUp ? 1 : 0,
     ],
     [
+      "image_cache_cluster_peers",
+      "gauge",
+      "Live peers at the last sync (asked directly by a cluster delete while the database is away).",
+      node.knownPeers,
+    ],
+    [
       "image_cache_cluster_database_outages_total",
       "counter",
       "Times the cluster database became unreachable.",

@@ -448,8 +448,6 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
         await peer.response.body?.cancel().catch(() => {});
         return refusal;
       }
-      c.res = undefined;
-      c.res = peer.response;
     } else {
       try {
         await next();
@@ -458,7 +456,9 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
         throw error;
       }
     }
-    const res = c.res;
+    // (A peer's answer is not put in `c.res` yet: Hono keeps a handler's answer
+    // only while the context is not finalized, and the origin may still be asked.)
+    const res = peer !== undefined ? peer.response : c.res;
     const outcome = await core.fillFromOrigin(claim, res, {
       expectedDigest: peer !== undefined
         ? () => peer.expected
@@ -469,7 +469,16 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       stallTimeout,
       onError: report(c),
     });
-    if (outcome.fill === undefined) return passThrough(c, outcome.detail);
+    if (outcome.fill === undefined) {
+      if (peer !== undefined) {
+        // A peer's bytes reach a client only through a fill that checks them
+        // against the digest: declined (deleted meanwhile, too large, a store
+        // error), the request gets the origin's answer instead.
+        await res.body?.cancel().catch(() => {});
+        await next();
+      }
+      return passThrough(c, outcome.detail);
+    }
     const { fill, stored } = outcome;
     const headers = new Headers(res.headers);
     if (!stored) core.countPassThrough("busy");

@@ -323,6 +323,8 @@ describe("cluster mode over PostgreSQL", () => {
         await md5Of(await fetch(`${a.url}/v2/images/three/file`)),
         await digest("three"),
       );
+      // B learned of A at a sync (it asks the peers it knows when the database is away).
+      await waitFor(async () => await metric(b, "image_cache_cluster_peers") === 1, 5000);
       await pg!.stop();
       try {
         // A hit on A and a miss on B, both without the database.
@@ -423,6 +425,58 @@ describe("cluster mode over PostgreSQL", () => {
         await sql.end({ timeout: 1 });
       }
     });
+  });
+
+  it("a miss this node cannot store (too large here) gets its origin's answer, never a peer's unchecked bytes", async (t) => {
+    if (skip) return t.skip(skip);
+    const database = await freshDatabase();
+    const demo = demoOrigin({ images: { img: { size: 64 * 1024 } } });
+    const { md5 } = await generatedDigests("img", 64 * 1024);
+    const stores = [new MemoryStore(), new MemoryStore({ maxSize: 1024 })];
+    const servers: Awaited<ReturnType<typeof startServer>>[] = [];
+    const clusters: Awaited<ReturnType<typeof joinCluster>>[] = [];
+    let ownOrigin = 0;
+    try {
+      for (const [i, store] of stores.entries()) {
+        const app = new Hono();
+        const server = await startServer((request) => app.fetch(request));
+        servers.push(server);
+        const cluster = await joinCluster({
+          store,
+          database,
+          selfUrl: server.url,
+          secret: SECRET,
+          onLog: () => {},
+        });
+        clusters.push(cluster);
+        app.use(imageCache({ store, cluster, onError: () => {} }));
+        // Node 0 reads the demo origin; node 1's origin answers bytes of its own.
+        if (i === 0) app.route("/", demo.app);
+        else {
+          app.all("*", (c) => {
+            ownOrigin++;
+            return c.body("the origin of node 1");
+          });
+        }
+      }
+      const [a, b] = servers;
+      const filled = await fetch(`${a.url}/v2/images/img/file`);
+      assert.equal(await md5Of(filled), md5);
+      await waitFor(async () => (await clusters[1].nodes("img")).includes(a.url), 5000);
+
+      const miss = await fetch(`${b.url}/v2/images/img/file`);
+      assert.equal(
+        miss.headers.get("cache-status"),
+        "hono-image-cache; fwd=miss; detail=too-large",
+      );
+      assert.equal(await miss.text(), "the origin of node 1");
+      assert.equal(ownOrigin, 1);
+      assert.equal(demo.stats.reads.img, 1, "the peer read the origin once, for its own fill");
+    } finally {
+      for (const cluster of clusters) await cluster.close();
+      for (const server of servers) await server.close();
+      for (const store of stores) await store.close();
+    }
   });
 
   it("refuses the peer endpoint without the cluster secret, and never forwards it to the origin", async (t) => {

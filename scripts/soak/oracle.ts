@@ -83,6 +83,8 @@ export interface World {
   downBetween(index: number, from: number, to: number): boolean;
   /** Cluster mode: whether the database was down (or the nodes reconnecting) between `from` and `to`. */
   databaseDownBetween(from: number, to: number): boolean;
+  /** Cluster mode: when the earliest database outage overlapping `from`..`to` began, if any. */
+  databaseDownSince(from: number, to: number): number | undefined;
 }
 
 /**

@@ -99,6 +99,10 @@ async function main(): Promise<number> {
     servers: options.servers,
     downBetween: (index, from, to) => cluster.downBetween(index, from, to),
     databaseDownBetween: (from, to) => databaseDown.some((d) => d.from <= to && d.to >= from),
+    databaseDownSince: (from, to) => {
+      const overlapping = databaseDown.filter((d) => d.from <= to && d.to >= from);
+      return overlapping.length === 0 ? undefined : Math.min(...overlapping.map((d) => d.from));
+    },
     originByRequest: origin.byRequest,
     originRecords: origin.records,
     idleTimeout: options.idleTimeout,

@@ -428,13 +428,16 @@ export class Workload {
     }
     const sent = Date.now();
     const res = await this.#plainRequest(slot, req, action, "DELETE", path, headers, allowed);
-    // A 503 says a peer known at the last sync (up to 3 s before: the soak's
-    // syncInterval and deadAfter) did not answer while the database was away (for
-    // the deleting node: a node swept while it was starved of CPU sees it away too).
-    // A killed node's old URL (a restart listens on a new port) is such a peer.
+    // A 503 says a peer known at the last sync did not answer while the database
+    // was away (for the deleting node: a node swept while it was starved of CPU
+    // sees it away too). A killed node's old URL (a restart listens on a new port)
+    // is such a peer: it stays known from the last sync before the outage (up to
+    // 3 s before it: the soak's syncInterval and deadAfter) until the node is back
+    // on the database, so the look-back starts 5 s before the outage did.
     const now = Date.now();
+    const since = Math.min(sent, world.databaseDownSince(sent - 5000, now) ?? sent) - 5000;
     const peerDown = Array.from({ length: world.servers }, (_, i) => i)
-      .some((i) => i !== slot.index && world.downBetween(i, sent - 5000, now));
+      .some((i) => i !== slot.index && world.downBetween(i, since, now));
     if (res?.status === 503 && !peerDown) {
       ledger.violation(
         { kind: "status", message: `cluster DELETE answered 503 with every peer up` },

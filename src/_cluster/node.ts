@@ -202,6 +202,11 @@ export class ClusterNode implements PeerHost, PeerClient {
     return this.#up;
   }
 
+  /** How many live peers the last sync listed. */
+  get knownPeers(): number {
+    return this.#knownPeers.length;
+  }
+
   /** The settings' fallback fetch (the origin, when a peer fails mid-stream). */
   get fetchImage(): FetchImage | undefined {
     return this.#settings.fetchImage;
