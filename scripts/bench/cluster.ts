@@ -1,10 +1,11 @@
 /**
- * Cluster mode's figures: `deno run -A scripts/bench/cluster.ts [--size 256M]`.
+ * Cluster mode's figures: `deno task bench:cluster [--size 64M] [--runs N]`.
  *
  * 1. **Cold start across 3 nodes**: 3 node processes (Deno, FileSystemStore
  *    each, one throwaway PostgreSQL) × 10 clients ask one image at once:
  *    origin bytes / image size (target 1.0), and the last client's time /
- *    a single node's (no cluster) cold start with 10 clients.
+ *    a single node's (no cluster) cold start with 30 clients: the same
+ *    bytes to the same number of clients, from one process instead of three.
  * 2. **What the index costs a hit**: 64 KiB hits, 16 at a time, on a node
  *    in cluster mode / on a node without (target: nothing measurable).
  *
@@ -124,7 +125,7 @@ async function main() {
     const at = Deno.args.indexOf(name);
     return at === -1 ? undefined : Deno.args[at + 1];
   };
-  const size = parseSize(flag("--size") ?? "64M");
+  const size = parseSize(flag("--size") ?? "256M");
   const runs = Number(flag("--runs") ?? 3);
   const pg = await startPostgres();
   if (typeof pg === "string") throw new Error(pg);
@@ -152,7 +153,7 @@ async function main() {
     for (let run = 0; run < runs; run++) {
       // A single node, no cluster: the reference cold start and hits.
       children.push(await startNode(join(work, `single${run}`), originUrl));
-      singles.push(await coldStart(children, 10, size));
+      singles.push(await coldStart(children, 30, size));
       plain.push(await hitRate(children[0], 3000, 16));
       await stopAll();
 
@@ -184,7 +185,7 @@ async function main() {
       "1.0",
     ],
     [
-      "cold start: last client, 3 nodes × 10 / 1 node × 10 (no cluster)",
+      "cold start: last client, 3 nodes × 10 clients / 1 node × 30 clients (no cluster)",
       `${(cluster / single).toFixed(2)} (${cluster.toFixed(0)} ms / ${single.toFixed(0)} ms)`,
       "—",
     ],
