@@ -96,6 +96,16 @@ function sharedFill(cacheStatus: string): boolean {
   return /collapsed|;\s*peer\b/.test(cacheStatus);
 }
 
+/**
+ * How long before a request began an origin fault of a fill it shared can
+ * still explain its answer, ms. In cluster mode a node's fill goes on from
+ * other sources after the origin read of the peer it streamed from failed
+ * (a stalled peer is given up after the soak's peerStallTimeout, 4 s).
+ */
+function sharedSlack(world: World): number {
+  return world.cluster ? 6000 : 1000;
+}
+
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** The etag the cache gives an MD5 entry (src/_http.ts), which the soak origin also uses. */
@@ -143,7 +153,8 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
   const originLied = !hit && (origin.some(lengthFault) ||
     (sharedFill(cacheStatus) &&
       world.originRecords.some((r) =>
-        r.id === image.id && lengthFault(r) && (r.done ?? Infinity) >= exp.started - 1000
+        r.id === image.id && lengthFault(r) &&
+        (r.done ?? Infinity) >= exp.started - sharedSlack(world)
       )));
   let mustFail = false;
 
@@ -246,7 +257,10 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     if (own !== undefined && shortOf(own)) allowedLengths.add(own.detail!);
     if (sharedFill(cacheStatus)) {
       for (const r of world.originRecords) {
-        if (r.id === image.id && shortOf(r) && (r.done ?? Infinity) >= exp.started - 1000) {
+        if (
+          r.id === image.id && shortOf(r) &&
+          (r.done ?? Infinity) >= exp.started - sharedSlack(world)
+        ) {
           allowedLengths.add(r.detail!);
         }
       }
@@ -376,9 +390,14 @@ export function explainCut(
   const own = world.originByRequest.get(exp.req) ?? [];
   if (own.some((r) => CUTTING_FAULTS.has(r.fault))) return "origin-fault";
   if (sharedFill(cacheStatus)) {
+    // A node's fill that lost its peer asks the origin for the rest (`peer-failover`):
+    // an error answer there ends the fill too.
+    const cuts = (r: OriginRecord) =>
+      CUTTING_FAULTS.has(r.fault) ||
+      (r.req === "peer-failover" && ["status-503", "reset", "stall"].includes(r.fault));
     const shared = world.originRecords.some((r) =>
-      r.id === exp.image.id && CUTTING_FAULTS.has(r.fault) && r.at <= endedAt &&
-      (r.done === undefined || r.done >= exp.started - 1000)
+      r.id === exp.image.id && cuts(r) && r.at <= endedAt &&
+      (r.done === undefined || r.done >= exp.started - sharedSlack(world))
     );
     if (shared) return "origin-fault-of-fill";
   }

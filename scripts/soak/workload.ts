@@ -223,11 +223,23 @@ export class Workload {
     const deleted = this.#deletedAt.get(exp.image.id);
     const deletion = checkDeletionWins(exp, judged, deleted, origin.records, this.#options.world);
     if (deletion !== undefined) judged.violations.push(deletion);
+    // For a shared fill (collapsed, or a peer's): the image's other origin reads around it.
+    const shared = /collapsed|;\s*peer\b/.test(judged.cacheStatus)
+      ? origin.records.filter((r) =>
+        r.id === exp.image.id && r.req !== exp.req && r.at >= exp.started - 30_000
+      ).slice(-8).map((r) =>
+        `${r.req}@${r.at - exp.started}ms:s${r.server}:${r.status}/${r.fault}${
+          r.detail === undefined ? "" : `(${r.detail})`
+        }:${r.start}-${r.end}${r.done === undefined ? "" : `:done@${r.done - exp.started}ms`}`
+      )
+      : [];
     for (const v of judged.violations) {
       ledger.violation(
         v,
         `origin: ${JSON.stringify(origin.byRequest.get(exp.req) ?? [])}; image ${
           JSON.stringify({ ...exp.image, md5: undefined })
+        }${
+          shared.length > 0 ? `\n    the image's other origin reads: ${shared.join(" ")}` : ""
         }\n    ` +
           `req ${exp.req} server ${exp.server} ${exp.method} ${path} ${
             JSON.stringify(headers)
@@ -431,13 +443,14 @@ export class Workload {
     // A 503 says a peer known at the last sync did not answer while the database
     // was away (for the deleting node: a node swept while it was starved of CPU
     // sees it away too). A killed node's old URL (a restart listens on a new port)
-    // is such a peer: it stays known from the last sync before the outage (up to
+    // (this node's own included) is such a peer: it stays known from the last sync before the outage (up to
     // 3 s before it: the soak's syncInterval and deadAfter) until the node is back
     // on the database, so the look-back starts 5 s before the outage did.
     const now = Date.now();
     const since = Math.min(sent, world.databaseDownSince(sent - 5000, now) ?? sent) - 5000;
+    // This node's own previous run counts: its old URL may still be listed as a peer.
     const peerDown = Array.from({ length: world.servers }, (_, i) => i)
-      .some((i) => i !== slot.index && world.downBetween(i, since, now));
+      .some((i) => world.downBetween(i, since, now));
     if (res?.status === 503 && !peerDown) {
       ledger.violation(
         { kind: "status", message: `cluster DELETE answered 503 with every peer up` },

@@ -418,6 +418,15 @@ export class ClusterNode implements PeerHost, PeerClient {
             `image ${JSON.stringify(id)}: ${from} ${why} at byte ${position}; going on from ${to}`,
           );
         },
+        gaveUp: (from, position, why, error) => {
+          this.#settings.onLog(
+            `image ${
+              JSON.stringify(id)
+            }: ${from} ${why} at byte ${position}; no source took over: ${
+              error instanceof Error ? error.message : String(error)
+            }`,
+          );
+        },
         peerBytes: (bytes) => this.counters.peerBytes += bytes,
       },
     });

@@ -34,6 +34,8 @@ export interface SourceChain {
   committedDigest(url: string): Promise<Digest | undefined>;
   /** Told of each switch, for logs and metrics. */
   switched(from: string, to: string, position: number, why: string): void;
+  /** Told when no source could take over (the body then fails), for logs. */
+  gaveUp?(from: string, position: number, why: string, error: unknown): void;
   /** Counts bytes received from peers. */
   peerBytes(bytes: number): void;
 }
@@ -50,6 +52,10 @@ export interface ResilientOptions {
 }
 
 class Stalled extends Error {}
+/** No source can complete the body: not worth another try. */
+class Unrecoverable extends Error {}
+
+const message = (error: unknown) => error instanceof Error ? error.message : String(error);
 
 /** A readable that fails with `Stalled` when `read()` waits longer than `ms`. */
 async function readWithin(
@@ -109,14 +115,36 @@ export function resilientSource(options: ResilientOptions): ReadableStream<Uint8
     };
   };
 
-  /** The next source from `position`; throws when there is none. */
+  /**
+   * The next source from `position`; throws when there is none. A source
+   * that cannot be had (an origin answering 503, a connection refused) is
+   * tried again after a pause, within MAX_SWITCHES in all.
+   */
   const next = async (why: string): Promise<void> => {
     const from = current.name;
     if (current.peer !== undefined) failed.add(current.peer);
     current.reader.cancel().catch(() => {});
-    if (++switches > MAX_SWITCHES) {
-      throw new Error(`Gave up after ${MAX_SWITCHES} sources (${why})`);
+    let last: unknown;
+    for (;;) {
+      try {
+        if (++switches > MAX_SWITCHES) {
+          throw new Unrecoverable(
+            `Gave up after ${MAX_SWITCHES} sources (${why})${last ? `: ${message(last)}` : ""}`,
+          );
+        }
+        await switchFrom(from, why);
+        return;
+      } catch (error) {
+        if (error instanceof Unrecoverable || controllerAbort.signal.aborted) {
+          chain.gaveUp?.(from, position, why, error);
+          throw error;
+        }
+        last = error;
+        await new Promise((resolve) => setTimeout(resolve, 100 * switches));
+      }
     }
+  };
+  const switchFrom = async (from: string, why: string): Promise<void> => {
     const peer = await chain.nextPeer(position, failed).catch(() => undefined);
     if (peer !== undefined && peer.body !== null) {
       current = fromPeer(peer);
@@ -130,7 +158,18 @@ export function resilientSource(options: ResilientOptions): ReadableStream<Uint8
         skip = position;
       } else {
         await response.body?.cancel().catch(() => {});
-        throw new Error(`The origin answered ${response.status} when asked for byte ${position}`);
+        // A refusal (4xx) stands; an error (5xx) may pass.
+        const Failure = response.status >= 400 && response.status < 500 ? Unrecoverable : Error;
+        throw new Failure(`The origin answered ${response.status} when asked for byte ${position}`);
+      }
+      // The origin's word on the length: a peer may have passed on a wrong one
+      // (its own origin's), and no source can then complete this body.
+      const total = response.status === 206
+        ? Number(range![2])
+        : Number(response.headers.get("content-length") ?? NaN);
+      if (length !== undefined && Number.isInteger(total) && total !== length) {
+        await response.body?.cancel().catch(() => {});
+        throw new Unrecoverable(`The origin says the image has ${total} bytes, not ${length}`);
       }
       if (response.body === null) throw new Error("The origin answered without a body");
       current = {
