@@ -187,6 +187,7 @@ export class Cluster {
             if (this.#options.verbose) this.#options.log(`server ${slot.index}: ${line.slice(4)}`);
           } else if (line.startsWith("ERROR ")) {
             const message = line.slice(6);
+            if (this.#options.verbose) this.#options.log(`server ${slot.index}: error: ${message}`);
             if (message.startsWith("unhandled")) {
               ledger.violation(
                 { kind: "server-error", message },

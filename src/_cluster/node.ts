@@ -404,11 +404,13 @@ export class ClusterNode implements PeerHost, PeerClient {
           ? undefined
           : (position, signal) => fetchImage(id, signal, { start: position }),
         committedDigest: async (url) => {
-          // The peer's fill ended its body once verified and committed: ask for its digest.
-          for (let attempt = 0; attempt < 20; attempt++) {
+          // The peer's fill ended its body once verified, and commits (an fsync of the
+          // whole file, seconds on a busy disk): ask for its digest until it has.
+          const deadline = Date.now() + 10_000;
+          for (let attempt = 1; Date.now() < deadline; attempt++) {
             const head = await askPeer(this, url, id, 0, "HEAD");
             if (head?.state === "cached") return head.digest;
-            await new Promise((resolve) => setTimeout(resolve, 50));
+            await new Promise((resolve) => setTimeout(resolve, Math.min(50 * attempt, 250)));
           }
           return undefined;
         },

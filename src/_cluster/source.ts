@@ -236,6 +236,7 @@ export function resilientSource(options: ResilientOptions): ReadableStream<Uint8
           try {
             await verifyEnd();
           } catch (error) {
+            chain.gaveUp?.(current.name, position, "ended", error);
             controller.error(error);
             return;
           }
