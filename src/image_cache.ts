@@ -306,14 +306,25 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       return hit ?? forward(c, next, "uncacheable");
     }
     core.countCoalesced();
+    // This request has not asked the origin: if the store cannot read back what it
+    // needs, it may, once (invariant 2).
+    let rescued = false;
+    const rescue = async () => {
+      if (rescued) return undefined;
+      rescued = true;
+      c.finalized = false; // Hono keeps the origin's answer only in a context not finalized.
+      await next();
+      return c.res;
+    };
     if (answer === undefined) {
       const headers = new Headers(fill.responseHeaders);
       if (name !== false) headers.set("cache-status", `${name}; fwd=miss; collapsed`);
-      return c.newResponse(fillBody(fill, readers[0], 0), 200, Object.fromEntries(headers));
+      const body = fillBody(fill, readers[0], 0, Infinity, rescue);
+      return c.newResponse(body, 200, Object.fromEntries(headers));
     }
     let opened = 0;
     const open = (start: number, end: number) =>
-      Promise.resolve(fillBody(fill, readers[opened++], start, end + 1));
+      Promise.resolve(fillBody(fill, readers[opened++], start, end + 1, rescue));
     // Parts never opened (the client left early) let go of their readers.
     const release = () => {
       for (const reader of readers.slice(opened)) fill.detach(reader);
@@ -486,8 +497,15 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       const status = stored ? "stored" : fill.followed ? "collapsed; detail=busy" : "detail=busy";
       headers.set("cache-status", `${name}; fwd=miss; ${status}${peer ? "; peer" : ""}`);
     }
+    // This request's own origin answer feeds the fill: a rescue needs `fetchImage`.
+    const rescue = fetchImage === undefined
+      ? undefined
+      : () => fetchImage(id, new AbortController().signal);
     c.res = undefined;
-    c.res = new Response(fillBody(fill, fill.attachAt(0)!, 0), { status: 200, headers });
+    c.res = new Response(fillBody(fill, fill.attachAt(0)!, 0, Infinity, rescue), {
+      status: 200,
+      headers,
+    });
   };
 
   return async function imageCache(c, next) {

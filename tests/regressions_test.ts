@@ -4,23 +4,28 @@
  * one directory stand for two processes sharing it: each has its own core
  * (fills, claims) and its own owner token, as separate processes do.
  *
- * Each test reproduces a finding of the soak report. A test marked `todo`
- * reproduces one that is still open; `RUN_OPEN_FINDINGS=1` runs it too.
+ * Each test reproduces a finding of the soak report. A finding still open
+ * gets a test marked `{ todo: "finding N: …" }`, which runs once
+ * `RUN_OPEN_FINDINGS=1` is set (none is open).
  *
  * @module
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import process from "node:process";
 import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { Hono } from "hono";
+import { type Context, Hono } from "hono";
 import { cacheApi, FileSystemStore, imageCache, type ImageStore } from "hono-image-cache";
 import { FaultyStore, MemoryStore } from "hono-image-cache/testing";
-import { hexDigest, pattern, readBody, sleep, slowStream, withTempDir } from "./_helpers.ts";
-
-/** `todo` for a finding still open, unless `RUN_OPEN_FINDINGS` is set. */
-const open = (finding: string) => process.env.RUN_OPEN_FINDINGS ? {} : { todo: finding };
+import {
+  assertBytes,
+  hexDigest,
+  pattern,
+  readBody,
+  sleep,
+  slowStream,
+  withTempDir,
+} from "./_helpers.ts";
 
 /** A gate a test opens once. */
 function gate(): { wait: Promise<void>; open: () => void } {
@@ -288,32 +293,90 @@ describe("regressions found by the soak", () => {
     },
   );
 
-  it(
-    "a client trailing a fill still gets every byte when the store cannot read back what it wrote",
-    open("finding 9: a read-back fault cuts a trailing client"),
-    async () => {
-      const image = pattern(6 * 2 ** 20, 4);
+  describe("a client trailing a fill when the store cannot read back what it wrote", () => {
+    /** A fill of `image` with a trailing client whose first bytes left memory, reads failing. */
+    async function trailing(
+      origin: (c: Context, calls: number) => Response,
+      options: { range?: string; fetchImage?: boolean } = {},
+    ) {
       const store = new FaultyStore(new MemoryStore());
       const app = new Hono();
-      app.use(imageCache({ store, onError: () => {} }));
-      app.get(
-        "/v2/images/:id/file",
-        (c) =>
-          c.body(slowStream(image, 64 * 1024), 200, {
-            "content-length": String(image.byteLength),
-            "content-md5": hexDigest(image),
-          }),
-      );
+      let calls = 0;
+      const fetchImage = options.fetchImage
+        ? async (id: string) => await app.request(`/origin/${id}`)
+        : undefined;
+      app.use("/v2/*", imageCache({ store, onError: () => {}, fetchImage, fillOnRange: false }));
+      const handler = (c: Context) => origin(c, ++calls);
+      app.get("/v2/images/:id/file", handler);
+      app.get("/origin/:id", handler);
       const first = await app.request("/v2/images/a/file");
-      const trailing = await app.request("/v2/images/a/file");
-      assert.equal(trailing.headers.get("cache-status"), "hono-image-cache; fwd=miss; collapsed");
+      const headers: Record<string, string> = options.range ? { range: options.range } : {};
+      const late = await app.request("/v2/images/a/file", { headers });
+      return { store, first, late, calls: () => calls };
+    }
+    const big = pattern(6 * 2 ** 20, 4);
+    const good = (c: Context) =>
+      c.body(slowStream(big, 64 * 1024), 200, {
+        "content-length": String(big.byteLength),
+        "content-md5": hexDigest(big),
+      });
+
+    it("gets every byte from the origin instead of a cut (finding 9)", async () => {
+      const { store, first, late, calls } = await trailing(good);
+      assert.equal(late.headers.get("cache-status"), "hono-image-cache; fwd=miss; collapsed");
       await readBody(first); // The fill is done; the trailing client has read nothing yet.
       store.faults.failRead = true; // Its first bytes are no longer in memory: EIO.
-      const { bytes, error } = await readBody(trailing);
+      const { bytes, error } = await readBody(late);
       assert.equal(error, undefined);
-      assert.equal(bytes.byteLength, image.byteLength);
-    },
-  );
+      assertBytes(bytes, big);
+      assert.equal(calls(), 2, "the origin was asked once more, for this client");
+    });
+
+    it("a range joined to the fill gets its bytes from the origin too", async () => {
+      const { store, first, late } = await trailing(good, { range: "bytes=100-199999" });
+      assert.equal(late.status, 206);
+      await readBody(first);
+      store.faults.failRead = true;
+      const { bytes, error } = await readBody(late);
+      assert.equal(error, undefined);
+      assertBytes(bytes, big.subarray(100, 200_000));
+    });
+
+    it("is cut, never ends cleanly, when the origin's second answer is not the image", async () => {
+      const { store, first, late } = await trailing((c, calls) => {
+        const body = calls === 1 ? big : big.slice();
+        if (calls > 1) body[body.byteLength - 10] ^= 1;
+        return c.body(slowStream(body, 64 * 1024), 200, {
+          "content-length": String(big.byteLength),
+          "content-md5": hexDigest(big),
+        });
+      });
+      await readBody(first);
+      store.faults.failRead = true;
+      const { bytes, error } = await readBody(late);
+      assert.match(String(error), /Checksum mismatch/);
+      assert.ok(bytes.byteLength < big.byteLength, "the last byte was held back");
+    });
+
+    it("the client that started the fill is rescued through fetchImage", async () => {
+      const store = new FaultyStore(new MemoryStore());
+      const app = new Hono();
+      let calls = 0;
+      const fetchImage = async (id: string) => await app.request(`/origin/${id}`);
+      app.use("/v2/*", imageCache({ store, onError: () => {}, fetchImage, fillOnRange: false }));
+      app.get("/v2/images/:id/file", (c) => (calls++, good(c)));
+      app.get("/origin/:id", (c) => (calls++, good(c)));
+      // The first client reads nothing until a second, fast one has taken the fill to its end.
+      const owner = await app.request("/v2/images/a/file");
+      const fast = await app.request("/v2/images/a/file");
+      await readBody(fast);
+      store.faults.failRead = true;
+      const { bytes, error } = await readBody(owner);
+      assert.equal(error, undefined);
+      assertBytes(bytes, big);
+      assert.equal(calls, 2);
+    });
+  });
 
   it(
     "a process that starts on a directory over maxSize brings it back within maxSize",

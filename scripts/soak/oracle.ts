@@ -357,7 +357,7 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     if (explained === undefined) {
       fail("unexplained-cut", `body cut after ${received} of ${expectedLength} bytes`);
     } else if (explained === "store-read-fault") {
-      // Invariant 2 says the origin's bytes still reach the client: an open finding.
+      // Invariant 2: a client the store cannot serve gets the rest from the origin (src/_fill/rescue.ts).
       fail("store-fault-cut", `body cut after ${received} of ${expectedLength} bytes`);
     }
   } else if (ending === "timeout") {

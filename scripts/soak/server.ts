@@ -75,6 +75,7 @@ function makeApp(cluster: Cluster | undefined): Hono {
     store,
     onError,
     cluster,
+    fetchImage: fetchOrigin,
     // A slow access check, as the orchestrator asks: the fill may end (or move
     // on far past the window) while a request that joined it waits here.
     authorize: async (c) => {

@@ -42,6 +42,7 @@
  * @module
  */
 import { type FillHash, fillHash } from "./hash.ts";
+import { rescuedRest } from "./rescue.ts";
 import { digestMatches, type ExpectedDigest } from "../digest.ts";
 import type { DigestAlgorithm, ImageEntry, ImageWriter } from "../image_store.ts";
 
@@ -70,6 +71,21 @@ const HASH_STEP = 4 * 2 ** 20;
 const WRITE_BATCH = 2 ** 20;
 /** Bytes the pump may be ahead of the store before it waits for the disk. */
 const WRITE_AHEAD = 4 * 2 ** 20;
+
+/**
+ * A reader could not read back bytes that left memory (the store failed to
+ * read what it wrote). The fill itself goes on: only this reader is cut,
+ * unless it has another way to the rest (src/_fill/rescue.ts).
+ */
+export class ReadBackError extends Error {
+  /** The first byte the reader could not have. */
+  readonly position: number;
+  constructor(position: number, options?: ErrorOptions) {
+    super(`Cannot read back byte ${position} from the store`, options);
+    this.name = "ReadBackError";
+    this.position = position;
+  }
+}
 
 /** Why a fill did not end in a committed entry. */
 export class FillError extends Error {
@@ -722,7 +738,10 @@ export class Fill {
         ? Math.min(end, this.#written)
         : Math.min(end - 1, this.#readable());
       if (position < stop) {
-        const bytes = await this.#bytesAt(position, stop);
+        const bytes = await this.#bytesAt(position, stop).catch((error) => {
+          if (this.state === "failed") throw this.error;
+          throw new ReadBackError(position, { cause: error });
+        });
         reader.position = position + bytes.byteLength;
         this.#readerMoved();
         return bytes;
@@ -732,7 +751,9 @@ export class Fill {
         // A range with every byte but its last, which waits for verification:
         // keep that byte aside, so this reader holds no memory of the fill and
         // a detached fill never waits for it (it would wait forever).
-        reader.parked = (await this.#bytesAt(position, end)).slice();
+        reader.parked = (await this.#bytesAt(position, end).catch((error) => {
+          throw new ReadBackError(position, { cause: error });
+        })).slice();
         reader.position = Infinity;
         this.#readerMoved();
         continue;
@@ -827,33 +848,57 @@ function concat(chunks: readonly Uint8Array[], length: number): Uint8Array {
 /**
  * A body that follows `fill` from byte `start` to `end` (exclusive), for a
  * reader attached at `start` ({@linkcode Fill.attachAt}). The reader
- * detaches when the body finishes, fails or is cancelled.
+ * detaches when the body finishes, fails or is cancelled. When the store
+ * cannot read back bytes this reader needs, `rescue` (when given) is asked
+ * for the origin's whole answer, and the rest comes from it, checked
+ * (src/_fill/rescue.ts).
  */
 export function fillBody(
   fill: Fill,
   reader: Reader,
   start: number,
   end = Infinity,
+  rescue?: () => Promise<Response | undefined>,
 ): ReadableStream<Uint8Array> {
   let position = start;
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
+  let rest: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  const pull = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
+    if (rest !== undefined) {
       try {
-        const bytes = await fill.read(reader, position, end);
-        if (bytes === null) {
-          fill.detach(reader);
-          controller.close();
-          return;
-        }
-        position += bytes.byteLength;
-        controller.enqueue(bytes);
+        const { done, value } = await rest.read();
+        if (done) controller.close();
+        else controller.enqueue(value);
       } catch (error) {
-        fill.detach(reader);
         controller.error(error);
       }
-    },
-    cancel() {
+      return;
+    }
+    try {
+      const bytes = await fill.read(reader, position, end);
+      if (bytes === null) {
+        fill.detach(reader);
+        controller.close();
+        return;
+      }
+      position += bytes.byteLength;
+      controller.enqueue(bytes);
+    } catch (error) {
       fill.detach(reader);
+      // The store could not read back what this client needs: the rest from the origin.
+      const answer = error instanceof ReadBackError && rescue !== undefined
+        ? await rescue().catch(() => undefined)
+        : undefined;
+      const stream = answer === undefined ? undefined : rescuedRest(answer, fill, position, end);
+      if (stream === undefined) return controller.error(error);
+      rest = stream.getReader();
+      return pull(controller);
+    }
+  };
+  return new ReadableStream<Uint8Array>({
+    pull,
+    cancel(reason) {
+      fill.detach(reader);
+      return rest?.cancel(reason);
     },
   }, { highWaterMark: 0 });
 }
