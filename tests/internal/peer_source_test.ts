@@ -51,21 +51,28 @@ function chain(origin: (position: number) => Response): SourceChain & { asked: n
   };
 }
 
+/** The origin's answer for the rest of IMAGE from `position`: a `206`. */
+const rest = (position: number) =>
+  new Response(IMAGE.slice(position), {
+    status: 206,
+    headers: { "content-range": `bytes ${position}-${IMAGE.length - 1}/${IMAGE.length}` },
+  });
+
+/** Reads what `resilientSource` makes of a peer that sends `sent` of an image of `length`, then fails. */
+function readFrom(c: SourceChain, sent: Uint8Array, length = IMAGE.length) {
+  const stream = resilientSource({
+    first: peerAnswer(length, sent, true),
+    length,
+    stallTime: 1000,
+    chain: c,
+  });
+  return readBody(new Response(stream));
+}
+
 describe("resilientSource()", () => {
   it("goes on from the origin with Range when the peer fails mid-stream", async () => {
-    const c = chain((position) =>
-      new Response(IMAGE.slice(position), {
-        status: 206,
-        headers: { "content-range": `bytes ${position}-${IMAGE.length - 1}/${IMAGE.length}` },
-      })
-    );
-    const stream = resilientSource({
-      first: peerAnswer(IMAGE.length, IMAGE.slice(0, 50_000), true),
-      length: IMAGE.length,
-      stallTime: 1000,
-      chain: c,
-    });
-    const { bytes, error } = await readBody(new Response(stream));
+    const c = chain(rest);
+    const { bytes, error } = await readFrom(c, IMAGE.slice(0, 50_000));
     assert.equal(error, undefined);
     assertBytes(bytes, IMAGE);
     assert.deepEqual(c.asked, [50_000]);
@@ -74,18 +81,9 @@ describe("resilientSource()", () => {
   it("asks the origin again after a pause when it answers 503, and completes", async () => {
     let calls = 0;
     const c = chain((position) =>
-      ++calls === 1 ? new Response("busy", { status: 503 }) : new Response(IMAGE.slice(position), {
-        status: 206,
-        headers: { "content-range": `bytes ${position}-${IMAGE.length - 1}/${IMAGE.length}` },
-      })
+      ++calls === 1 ? new Response("busy", { status: 503 }) : rest(position)
     );
-    const stream = resilientSource({
-      first: peerAnswer(IMAGE.length, IMAGE.slice(0, 70_000), true),
-      length: IMAGE.length,
-      stallTime: 1000,
-      chain: c,
-    });
-    const { bytes, error } = await readBody(new Response(stream));
+    const { bytes, error } = await readFrom(c, IMAGE.slice(0, 70_000));
     assert.equal(error, undefined);
     assertBytes(bytes, IMAGE);
     assert.deepEqual(c.asked, [70_000, 70_000]);
@@ -96,13 +94,7 @@ describe("resilientSource()", () => {
     const c = chain(() => new Response("gone", { status: 404 }));
     c.gaveUp = (from, position, why, error) =>
       gaveUp.push(`${from} ${why} at ${position}: ${(error as Error).message}`);
-    const stream = resilientSource({
-      first: peerAnswer(IMAGE.length, IMAGE.slice(0, 70_000), true),
-      length: IMAGE.length,
-      stallTime: 1000,
-      chain: c,
-    });
-    const { error } = await readBody(new Response(stream));
+    const { error } = await readFrom(c, IMAGE.slice(0, 70_000));
     assert.match(String(error), /The origin answered 404 when asked for byte 70000/);
     assert.equal(c.asked.length, 1);
     assert.equal(gaveUp.length, 1);
@@ -119,18 +111,9 @@ describe("resilientSource()", () => {
       const c = chain((position) =>
         status === 200
           ? new Response(IMAGE, { headers: { "content-length": String(IMAGE.length) } })
-          : new Response(IMAGE.slice(position), {
-            status: 206,
-            headers: { "content-range": `bytes ${position}-${IMAGE.length - 1}/${IMAGE.length}` },
-          })
+          : rest(position)
       );
-      const stream = resilientSource({
-        first: peerAnswer(wrong, IMAGE, true),
-        length: wrong,
-        stallTime: 1000,
-        chain: c,
-      });
-      const { bytes, error } = await readBody(new Response(stream));
+      const { bytes, error } = await readFrom(c, IMAGE, wrong);
       assert.match(String(error), /The origin says the image has 204800 bytes, not 205800/);
       assert.equal(bytes.length, IMAGE.length, "what was sent is the image's own bytes");
       assert.deepEqual(c.asked, [IMAGE.length], `status ${status}: the origin was asked once`);
