@@ -182,8 +182,8 @@ const MAX_RETRY_DELAY = 600_000;
  * In cluster mode, `DELETE /v2/cache/{id}` and `DELETE /v2/cache` with the
  * header `x-image-cache-scope: cluster` evict on every live node (fills
  * under way included); without it, on this node only (as Glance). With the
- * cluster database unreachable, such a delete asks the peers known at the
- * last sync directly, and answers `503` when one of them did not answer.
+ * cluster database unreachable, such a delete asks the peers the last
+ * syncs listed directly, and answers `503` when one of them did not answer.
  *
  * Any other method on those paths answers `405` with `Allow`; an id the
  * store cannot hold answers `400`; `authorize` saying no answers `403`.

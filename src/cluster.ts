@@ -110,8 +110,8 @@ export interface Cluster {
   /**
    * Evicts on every live node, fills under way included (deletion wins,
    * fleet-wide): the image's entry, queue marker and fill, or (without an
-   * id) what `target` names. With the database away, the peers known at
-   * the last sync are asked directly. Resolves whether any node had
+   * id) what `target` names. With the database away, the peers the last
+   * syncs listed are asked directly. Resolves whether any node had
    * anything and whether every node was reached.
    */
   evict(
@@ -318,7 +318,7 @@ function clusterMetrics(node: ClusterNode): string {
     [
       "image_cache_cluster_peers",
       "gauge",
-      "Live peers at the last sync (asked directly by a cluster delete while the database is away).",
+      "Peers a cluster delete asks directly while the database is away (listed by one of the last 3 syncs).",
       node.knownPeers,
     ],
     [

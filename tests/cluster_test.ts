@@ -368,6 +368,7 @@ describe("cluster mode over PostgreSQL", () => {
       assert.equal(await md5Of(fromPeer), await digest("two"));
       assert.equal(stats.reads.two, 1);
       // The database away and a known peer dead: the delete says it may not have reached it.
+      await waitFor(async () => await metric(b, "image_cache_cluster_peers") === 1, 5000);
       await pg!.stop();
       try {
         await stop(a);

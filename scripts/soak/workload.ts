@@ -440,15 +440,15 @@ export class Workload {
     }
     const sent = Date.now();
     const res = await this.#plainRequest(slot, req, action, "DELETE", path, headers, allowed);
-    // A 503 says a peer known at the last sync did not answer while the database
+    // A 503 says a peer known from the last syncs did not answer while the database
     // was away (for the deleting node: a node swept while it was starved of CPU
-    // sees it away too). A killed node's old URL (a restart listens on a new port)
-    // (this node's own included) is such a peer: it stays known from the last sync before the outage (up to
-    // 3 s before it: the soak's syncInterval and deadAfter) until the node is back
-    // on the database, so the look-back starts 5 s before the outage did.
+    // sees it away too). A killed node's old URL (a restart listens on a new port;
+    // this node's own included) is such a peer: syncs list it until it is swept
+    // (the soak's deadAfter, 2 s) and the node keeps it for 3 more syncs (1 s each),
+    // then until it is back on the database: the look-back starts 8 s before the
+    // outage did.
     const now = Date.now();
-    const since = Math.min(sent, world.databaseDownSince(sent - 5000, now) ?? sent) - 5000;
-    // This node's own previous run counts: its old URL may still be listed as a peer.
+    const since = Math.min(sent, world.databaseDownSince(sent - 8000, now) ?? sent) - 8000;
     const peerDown = Array.from({ length: world.servers }, (_, i) => i)
       .some((i) => world.downBetween(i, since, now));
     if (res?.status === 503 && !peerDown) {

@@ -75,6 +75,8 @@ export interface PeerServe {
 const QUERY_TIMEOUT = 5_000;
 /** Milliseconds a cluster-wide delete waits for each peer's answer. */
 const EVICT_TIMEOUT = 1_000;
+/** Syncs in a row that must miss a peer before a delete stops asking it directly. */
+const PEER_MISSES = 3;
 
 /** A query that took too long: the database is slow, not (yet) known to be down. */
 class Slow extends Error {}
@@ -140,8 +142,14 @@ export class ClusterNode implements PeerHost, PeerClient {
   #writes: Promise<void> = Promise.resolve();
   /** Images whose fill lease this node holds. */
   readonly #leases = new Set<string>();
-  /** The live peers' URLs at the last sync: asked directly by a delete while the database is away. */
-  #knownPeers: string[] = [];
+  /**
+   * The peers asked directly by a delete while the database is away: each
+   * URL a sync listed, with how many syncs in a row have not listed it
+   * since. A URL stays known until {@linkcode PEER_MISSES} syncs have missed
+   * it: right after an outage a live peer may not have heartbeaten yet, and
+   * a delete had better answer 503 for a dead URL than 204 without a live one.
+   */
+  readonly #peerMisses = new Map<string, number>();
   #unobserve: () => void = () => {};
   #unguard: () => void = () => {};
   #unlisten: (() => Promise<void>) | undefined;
@@ -169,7 +177,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       await migrate(sql);
       await node.#registry.register();
       await node.#registry.sync(await node.store.list());
-      node.#knownPeers = await node.#registry.peers();
+      node.#listed(await node.#registry.peers());
       node.#lastSync = Date.now();
       const listener = await sql.listen(EVICT_CHANNEL, (payload) => node.#notified(payload));
       node.#unlisten = () => listener.unlisten();
@@ -202,9 +210,19 @@ export class ClusterNode implements PeerHost, PeerClient {
     return this.#up;
   }
 
-  /** How many live peers the last sync listed. */
+  /** How many peers a delete would ask directly while the database is away. */
   get knownPeers(): number {
-    return this.#knownPeers.length;
+    return this.#peerMisses.size;
+  }
+
+  /** Records the live peers a sync listed (see `#peerMisses`). */
+  #listed(peers: readonly string[]): void {
+    for (const [url, misses] of this.#peerMisses) {
+      if (peers.includes(url)) continue;
+      if (misses + 1 >= PEER_MISSES) this.#peerMisses.delete(url);
+      else this.#peerMisses.set(url, misses + 1);
+    }
+    for (const url of peers) this.#peerMisses.set(url, 0);
   }
 
   /** The settings' fallback fetch (the origin, when a peer fails mid-stream). */
@@ -270,7 +288,7 @@ export class ClusterNode implements PeerHost, PeerClient {
       await registry.progress(fills);
       if (full || Date.now() - this.#lastSync >= this.#settings.syncInterval) {
         await registry.sync(await this.store.list());
-        this.#knownPeers = await registry.peers();
+        this.#listed(await registry.peers());
         this.#lastSync = Date.now();
       }
       this.#failedBeats = 0;
@@ -526,7 +544,7 @@ export class ClusterNode implements PeerHost, PeerClient {
    */
   async evictEverywhere(eviction: Eviction): Promise<EvictionResult> {
     let found = await this.evictHere(eviction);
-    let peers = this.#knownPeers;
+    let peers = [...this.#peerMisses.keys()];
     let everywhere = false;
     if (this.#up) {
       try {
@@ -536,7 +554,7 @@ export class ClusterNode implements PeerHost, PeerClient {
         await this.#registry.notify(JSON.stringify({ ...eviction, from: this.selfUrl }));
         // Every listening node has the NOTIFY: the direct asks are for speed and answers.
         everywhere = true;
-        peers = this.#knownPeers = await this.#registry.peers();
+        peers = await this.#registry.peers();
       } catch (error) {
         this.#down(error);
       }
