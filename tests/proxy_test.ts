@@ -3,11 +3,11 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { connect } from "node:net";
 import { gunzipSync, gzipSync } from "node:zlib";
-import type { Hono } from "hono";
+import { Hono } from "hono";
 import { MemoryStore } from "hono-image-cache";
 import { generatedDigests } from "hono-image-cache/testing";
 import { glanceAccessCheck, proxyApp, upstreamProxy } from "hono-image-cache/proxy";
-import { assertBytes, sleep, waitFor } from "./_helpers.ts";
+import { assertBytes, sleep, startServer, waitFor } from "./_helpers.ts";
 import { get, imageBytes, startGlance, withProxy } from "./_glance.ts";
 
 const MiB = 2 ** 20;
@@ -389,7 +389,41 @@ describe("proxyApp's management API", () => {
   });
 });
 
+/** The garbage collector, where a test can have it (Node: through `node:v8`), else undefined. */
+async function garbageCollector(): Promise<(() => void) | undefined> {
+  if ((globalThis as { Deno?: unknown; Bun?: unknown }).Deno !== undefined) return undefined;
+  if ((globalThis as { Bun?: unknown }).Bun !== undefined) return undefined;
+  const v8 = await import("node:v8");
+  const vm = await import("node:vm");
+  v8.setFlagsFromString("--expose-gc");
+  return vm.runInNewContext("gc") as () => void;
+}
+
 describe("upstreamProxy", () => {
+  it("passes on a body that outlives the upstream's Response object (Node's fetch cancels those when collected)", async (t) => {
+    const gc = await garbageCollector();
+    if (gc === undefined) return t.skip("needs node:v8's --expose-gc (Node only)");
+    const size = 4 * 2 ** 20;
+    const bytes = new Uint8Array(size).map((_, i) => i % 251);
+    const upstream = await startServer(() => new Response(bytes));
+    try {
+      const handler = upstreamProxy({ upstream: upstream.url });
+      const app = new Hono();
+      app.get("*", handler);
+      const res = await app.request("/v2/images/a/file");
+      // Only the proxy's answer is kept: the upstream's own Response object may go.
+      for (let i = 0; i < 5; i++) {
+        gc();
+        await sleep(20);
+      }
+      const got = new Uint8Array(await res.arrayBuffer());
+      assert.equal(got.byteLength, size);
+      assertBytes(got, bytes);
+    } finally {
+      await upstream.close();
+    }
+  });
+
   /** An upstream that echoes what it received. */
   function echoRoutes(app: Hono) {
     app.all("/echo/*", async (c) => {

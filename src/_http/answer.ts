@@ -24,6 +24,7 @@ import {
   type RangeRequest,
 } from "./range.ts";
 import type { ImageEntry } from "../image_store.ts";
+import { rebody } from "./body.ts";
 
 /**
  * The entity tag of an entry (RFC 9110 §8.8.3): the origin's, replayed, so
@@ -77,7 +78,7 @@ export function withHeader(response: Response, name: string, value: string): Res
     response.headers.set(name, value);
     return response;
   } catch {
-    const copy = new Response(response.body, response);
+    const copy = rebody(response);
     copy.headers.set(name, value);
     return copy;
   }

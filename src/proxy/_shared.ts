@@ -9,6 +9,7 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { Context } from "hono";
+import { rebody } from "../_http/body.ts";
 
 /** What the proxy's parts learn about one request on its way, for the access log and metrics. */
 export interface RequestNotes {
@@ -81,9 +82,7 @@ export async function askUpstream(
     );
     // A Response of the global class: @hono/node-server replaces the global `Response`,
     // and `fetch` still makes undici's (the cache checks `instanceof Response`).
-    return response instanceof Response
-      ? response
-      : new Response((response as Response).body, response as Response);
+    return response instanceof Response ? response : rebody(response as Response);
   } catch (error) {
     if (timedOut) {
       throw new UpstreamFailure("timeout", `${url}: no answer within ${seconds(timeout)}`);

@@ -42,6 +42,7 @@ import {
   UpstreamFailure,
 } from "./_shared.ts";
 import { upstreamProxy } from "./upstream.ts";
+import { rebody } from "../_http/body.ts";
 
 /** Options of {@linkcode proxyApp}. */
 export interface ProxyAppOptions {
@@ -448,9 +449,7 @@ export function proxyApp(options: ProxyAppOptions): ProxyApp {
     }
     // A Response of the global class: @hono/node-server replaces the global `Response`,
     // and `fetch` still makes undici's (the cache checks `instanceof Response`).
-    const answer: Response = response instanceof Response
-      ? response
-      : new Response((response as Response).body, response as Response);
+    const answer: Response = response instanceof Response ? response : rebody(response as Response);
     if (answer.status === 401 || answer.status === 403) {
       emit({
         level: "warn",

@@ -8,6 +8,7 @@ import { requestPath, requestPathAndQuery } from "../_http/path.ts";
 import { checkFunction, checkSize } from "../_options.ts";
 import { FETCH_DECODES } from "../_runtime.ts";
 import { clientAddress, describeError, notesOf, parseUpstream, seconds } from "./_shared.ts";
+import { rebody } from "../_http/body.ts";
 
 /** Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded. */
 const HOP_BY_HOP = new Set([
@@ -200,7 +201,7 @@ export function upstreamProxy(options: UpstreamProxyOptions): Handler {
       clearTimeout(timer);
       notes.upstreamMs = performance.now() - started;
     }
-    return new Response(response.body, {
+    return rebody(response, {
       status: response.status,
       statusText: response.statusText,
       headers: responseHeaders(response.headers, base, basePath, url),
