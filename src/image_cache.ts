@@ -491,6 +491,18 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       return passThrough(c, outcome.detail);
     }
     const { fill, stored } = outcome;
+    if (peer !== undefined) {
+      // A transfer that fails after every source switch is worth a line in the cluster's log.
+      fill.done.then(() => {
+        if (fill.state === "failed") {
+          cluster!.log(
+            `image ${
+              JSON.stringify(id)
+            }: the fill from peer ${peer.peer} failed: ${fill.error?.message}`,
+          );
+        }
+      });
+    }
     const headers = new Headers(res.headers);
     if (!stored) core.countPassThrough("busy");
     if (name !== false) {

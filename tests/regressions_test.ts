@@ -24,6 +24,7 @@ import {
   readBody,
   sleep,
   slowStream,
+  startServer,
   withTempDir,
 } from "./_helpers.ts";
 
@@ -292,6 +293,27 @@ describe("regressions found by the soak", () => {
       });
     },
   );
+
+  it("marks a passed-through fetch() answer (immutable headers) without a fault, on every runtime", async () => {
+    // Found by the soak on Node: @hono/node-server's Response shared the fetch answer's
+    // immutable Headers when copied, so the Cache-Status header threw ("immutable").
+    const upstream = await startServer(() =>
+      new Response("partial", { status: 206, headers: { "content-range": "bytes 0-6/100" } })
+    );
+    const errors: unknown[] = [];
+    try {
+      const app = new Hono();
+      app.use(imageCache({ store: new MemoryStore(), onError: (error) => errors.push(error) }));
+      app.get("/v2/images/:id/file", () => fetch(upstream.url));
+      const res = await app.request("/v2/images/a/file", { headers: { range: "bytes=0-6" } });
+      assert.equal(res.status, 206);
+      assert.equal(res.headers.get("cache-status"), "hono-image-cache; fwd=miss; detail=range");
+      assert.equal(await res.text(), "partial");
+      assert.deepEqual(errors, []);
+    } finally {
+      await upstream.close();
+    }
+  });
 
   describe("a client trailing a fill when the store cannot read back what it wrote", () => {
     /** A fill of `image` with a trailing client whose first bytes left memory, reads failing. */

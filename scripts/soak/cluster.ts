@@ -16,7 +16,8 @@ import { bump, type Ledger } from "./report.ts";
 import type { SoakServerConfig } from "./server.ts";
 import type { StoreFaultRates } from "./store.ts";
 
-const SERVER_SCRIPT = fileURLToPath(new URL("./server.ts", import.meta.url));
+/** The server's source: Deno runs it; Node runs a bundle of it ({@linkcode nodeServer}). */
+export const SERVER_SCRIPT = fileURLToPath(new URL("./server.ts", import.meta.url));
 const MiB = 2 ** 20;
 
 /** One server process, across its restarts. */
@@ -55,6 +56,8 @@ export interface ClusterOptions {
   ledger: Ledger;
   log: (line: string) => void;
   verbose: boolean;
+  /** The command and arguments that run a server (default: Deno on scripts/soak/server.ts). */
+  server?: string[];
 }
 
 export function sleep(ms: number): Promise<void> {
@@ -151,8 +154,10 @@ export class Cluster {
       index: slot.index,
       directory: this.directoryOf(slot.index),
     };
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--quiet", SERVER_SCRIPT, JSON.stringify(config)],
+    const [command, ...args] = this.#options.server ??
+      [Deno.execPath(), "run", "-A", "--quiet", SERVER_SCRIPT];
+    const child = new Deno.Command(command, {
+      args: [...args, JSON.stringify(config)],
       stdin: "piped",
       stdout: "piped",
       stderr: "piped",
@@ -369,4 +374,45 @@ export async function unmount(directory: string): Promise<boolean> {
   const umount = await new Deno.Command("umount", { args: [directory], stderr: "piped" })
     .output().catch(() => undefined);
   return umount?.success === true;
+}
+
+/**
+ * The command that runs a soak server on Node (`--runtime node`): a bundle
+ * of scripts/soak/server.ts (`deno bundle`: the library and its npm
+ * dependencies inlined, no type stripping) in `directory`, run by the
+ * machine's `node` when it is 22+, else by `npx -y node@24`.
+ */
+export async function nodeServer(directory: string): Promise<string[]> {
+  const bundle = join(directory, "server.mjs");
+  const bundled = await new Deno.Command(Deno.execPath(), {
+    args: ["bundle", "--quiet", "--platform", "deno", "-o", bundle, SERVER_SCRIPT],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!bundled.success) {
+    throw new HarnessError(
+      `Cannot bundle the soak server for Node: ${new TextDecoder().decode(bundled.stderr)}`,
+    );
+  }
+  const version = async (node: string) => {
+    const out = await new Deno.Command(node, {
+      args: ["-p", "process.versions.node"],
+      stdout: "piped",
+    })
+      .output().catch(() => undefined);
+    return out?.success ? Number(new TextDecoder().decode(out.stdout).split(".")[0]) : 0;
+  };
+  let node = "node";
+  if (await version(node) < 22) {
+    const out = await new Deno.Command("npx", {
+      args: ["-y", "node@24", "-p", "process.execPath"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    node = new TextDecoder().decode(out.stdout).trim().split("\n").pop() ?? "";
+    if (!out.success || await version(node) < 22) {
+      throw new HarnessError("Cannot find Node 22 or later (node, npx -y node@24)");
+    }
+  }
+  return [node, bundle];
 }

@@ -22,6 +22,8 @@ export interface SoakOptions {
    * fill from each other, database restarts.
    */
   cluster: boolean;
+  /** The servers' runtime: Deno on the source, or Node on a bundle of it (single node only). */
+  runtime: "deno" | "node";
   /** Cluster mode: restart the database every `dbRestartEvery` ms, on average (0: never). */
   dbRestartEvery: number;
   /** Kill a server every `killEvery` ms, on average (0: never). */
@@ -44,7 +46,7 @@ export const MiB = 2 ** 20;
 
 const USAGE = `Usage: deno task soak [--quick] [--seed N] [--duration 90s|10m|1h]
        [--servers N] [--clients N] [--images N] [--largest MiB] [--kill-every SECONDS]
-       [--origin-faults P] [--no-store-faults] [--cluster] [--db-restart-every SECONDS] [--max-rss MiB] [--tmpfs MiB] [--strict] [--keep] [--verbose] [--json FILE]`;
+       [--origin-faults P] [--no-store-faults] [--cluster] [--db-restart-every SECONDS] [--runtime deno|node] [--max-rss MiB] [--tmpfs MiB] [--strict] [--keep] [--verbose] [--json FILE]`;
 
 function parseDuration(value: string): number {
   const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(value);
@@ -94,6 +96,7 @@ export function parseArgs(args: string[]): SoakOptions {
     "tmpfs",
     "cluster",
     "db-restart-every",
+    "runtime",
   ];
   for (const key of flags.keys()) {
     if (!known.includes(key)) throw new TypeError(`Unknown option --${key}\n${USAGE}`);
@@ -108,6 +111,13 @@ export function parseArgs(args: string[]): SoakOptions {
     return n;
   };
   const quick = flags.has("quick");
+  const runtime = flags.get("runtime") ?? "deno";
+  if (runtime !== "deno" && runtime !== "node") {
+    throw new TypeError(`--runtime must be deno or node, received ${runtime}\n${USAGE}`);
+  }
+  if (runtime === "node" && flags.has("cluster")) {
+    throw new TypeError(`--runtime node runs single-node soaks only (no --cluster)\n${USAGE}`);
+  }
   const storeFaults: StoreFaultRates = flags.has("no-store-faults") ? NO_STORE_FAULTS : {
     createWriter: 0.02,
     write: 0.0004,
@@ -130,6 +140,7 @@ export function parseArgs(args: string[]): SoakOptions {
     images: Math.max(8, Math.floor(number("images", quick ? 14 : 24))),
     largest: Math.floor(number("largest", quick ? 40 : 256) * MiB),
     cluster: flags.has("cluster"),
+    runtime,
     dbRestartEvery: number("db-restart-every", quick ? 12 : 40) * 1000,
     killEvery: number("kill-every", quick ? 5 : 12) * 1000,
     originFaults: number("origin-faults", 0.25),

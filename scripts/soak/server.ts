@@ -14,10 +14,12 @@
  *
  * @module
  */
+import process from "node:process";
 import { Hono } from "hono";
 import { cacheApi, type Cluster, FileSystemStore, imageCache, joinCluster } from "../../mod.ts";
 import { Rng } from "./data.ts";
 import { type StoreFaultRates, withStoreFaults } from "./store.ts";
+import { startServer } from "../../tests/_helpers.ts";
 
 /** What the orchestrator passes to a server process. */
 export interface SoakServerConfig {
@@ -32,11 +34,14 @@ export interface SoakServerConfig {
   cluster?: { database: string; secret: string };
 }
 
-const config = JSON.parse(Deno.args[0]) as SoakServerConfig;
+/** Deno when this runs on Deno (the source); else Node runs a bundle of it (`--runtime node`). */
+const DENO = (globalThis as { Deno?: typeof Deno }).Deno;
+const config = JSON.parse(DENO ? DENO.args[0] : process.argv[2]) as SoakServerConfig;
 const encoder = new TextEncoder();
 const out = (line: string) => {
   try {
-    Deno.stdout.writeSync(encoder.encode(line + "\n"));
+    if (DENO) DENO.stdout.writeSync(encoder.encode(line + "\n"));
+    else process.stdout.write(line + "\n"); // A pipe: written synchronously on Linux.
   } catch {
     // The orchestrator is gone; stdin's end will stop us.
   }
@@ -136,33 +141,47 @@ async function join(selfUrl: string): Promise<Cluster> {
 await store.list(); // The start sweep is over once the store answers.
 /** The app, set once this server knows its cluster (a request before that gets a 503). */
 const ready: { app?: Hono } = {};
-let listening!: (port: number) => void;
-const port = new Promise<number>((resolve) => listening = resolve);
-const server = Deno.serve(
-  { hostname: "127.0.0.1", port: 0, onListen: ({ port }) => listening(port) },
-  (request) => ready.app?.fetch(request) ?? new Response("starting", { status: 503 }),
-);
-const selfUrl = `http://127.0.0.1:${await port}`;
-const cluster = config.cluster === undefined ? undefined : await join(selfUrl);
+const handler = (request: Request) =>
+  ready.app?.fetch(request) ?? new Response("starting", { status: 503 });
+let server: { url: string; close(): Promise<void> };
+if (DENO) {
+  let listening!: (port: number) => void;
+  const port = new Promise<number>((resolve) => listening = resolve);
+  const served = DENO.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: ({ port }) => listening(port) },
+    handler,
+  );
+  server = {
+    url: `http://127.0.0.1:${await port}`,
+    close: () => served.shutdown(),
+  };
+} else {
+  server = await startServer(handler); // @hono/node-server
+}
+const cluster = config.cluster === undefined ? undefined : await join(server.url);
 ready.app = makeApp(cluster);
 out(`READY ${
   JSON.stringify({
-    port: await port,
-    pid: Deno.pid,
+    port: Number(new URL(server.url).port),
+    pid: process.pid,
     features: { cacheApi: true },
   })
 }`);
 
 const stop = async () => {
   await cluster?.close().catch(() => {});
-  await server.shutdown().catch(() => {});
+  await server.close().catch(() => {});
   await store.close().catch(() => {});
-  Deno.exit(0);
+  process.exit(0);
 };
-Deno.addSignalListener("SIGTERM", () => void stop());
+process.on("SIGTERM", () => void stop());
 // The orchestrator holds our stdin: when it ends (even by SIGKILL), so do we.
-(async () => {
-  const buffer = new Uint8Array(64);
-  while ((await Deno.stdin.read(buffer)) !== null) { /* ignore input */ }
-  Deno.exit(0);
-})();
+if (DENO) {
+  (async () => {
+    const buffer = new Uint8Array(64);
+    while ((await DENO.stdin.read(buffer)) !== null) { /* ignore input */ }
+    Deno.exit(0);
+  })();
+} else {
+  process.stdin.on("end", () => process.exit(0)).on("close", () => process.exit(0)).resume();
+}

@@ -35,7 +35,7 @@
 import { mkdir, mkdtemp, readdir, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Cluster, HarnessError, mountTmpfs, sleep, unmount } from "./cluster.ts";
+import { Cluster, HarnessError, mountTmpfs, nodeServer, sleep, unmount } from "./cluster.ts";
 import { makeCatalog, Rng } from "./data.ts";
 import { checkDirectory, type DirectoryMemory, type World } from "./oracle.ts";
 import { MiB, parseArgs, type SoakOptions } from "./options.ts";
@@ -76,6 +76,8 @@ async function main(): Promise<number> {
   );
 
   const root = await mkdtemp(join(tmpdir(), "hono-image-cache-soak-"));
+  // The Node servers' bundle, outside the directories the soak checks.
+  const bundleDir = await mkdtemp(join(tmpdir(), "hono-image-cache-soak-bundle-"));
   const directory = join(root, "cache");
   const origin = new SoakOrigin({
     catalog,
@@ -91,7 +93,9 @@ async function main(): Promise<number> {
     ledger,
     log,
     verbose: options.verbose,
+    server: options.runtime === "node" ? await nodeServer(bundleDir) : undefined,
   });
+  if (options.runtime === "node") log("servers on Node (a bundle of scripts/soak/server.ts)");
   /** Cluster mode: when the database was down, `to` being when it was back plus the slack. */
   const databaseDown: { from: number; to: number }[] = [];
   const world: World = {
@@ -121,6 +125,7 @@ async function main(): Promise<number> {
       if (await unmount(directory)) mounted = false;
       else log(`could not unmount the tmpfs on ${directory}`);
     }
+    await rm(bundleDir, { recursive: true, force: true }).catch(() => {});
     if (!options.keep) await rm(root, { recursive: true, force: true }).catch(() => {});
     else log(`kept ${root}`);
   };

@@ -597,6 +597,11 @@ export class ClusterNode implements PeerHost, PeerClient {
     this.evictHere({ id: message.id, target: message.target }).catch(this.#settings.onError);
   }
 
+  /** One line to the cluster's log. */
+  log(line: string): void {
+    this.#settings.onLog(line);
+  }
+
   /** Counts a transfer to a peer. */
   served(): void {
     this.counters.servedToPeers++;

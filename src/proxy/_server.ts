@@ -9,6 +9,7 @@
  */
 import { Server as NetServer, type Socket } from "node:net";
 import { RUNTIME } from "../_runtime.ts";
+import { guardPausedParser } from "./_undici_guard.ts";
 
 /** A `fetch` handler with the server's per-request value (Deno's info, Bun's server...). */
 export type FetchHandler = (request: Request, env?: unknown) => Response | Promise<Response>;
@@ -121,6 +122,7 @@ export async function listen(
       },
     };
   }
+  guardPausedParser((message) => onCut(new Error(message)));
   const { serve } = await import("@hono/node-server");
   const server = await new Promise<NodeServer>((resolve, reject) => {
     const created = serve({
