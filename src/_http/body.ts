@@ -22,9 +22,12 @@ export function rebody(response: Response, init?: ResponseInit): Response {
   if (response.body !== null) owners.set(response.body, response);
   // A copy of the headers: with another response as its init, @hono/node-server's
   // Response shares that response's Headers, immutable for a `fetch()` answer.
-  return new Response(response.body, init ?? {
-    status: response.status,
-    statusText: response.statusText,
-    headers: new Headers(response.headers),
-  });
+  return new Response(
+    response.body,
+    init ?? {
+      status: response.status,
+      statusText: response.statusText,
+      headers: new Headers(response.headers),
+    },
+  );
 }
