@@ -353,6 +353,9 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
       );
     }
   } else if (ending === "cut") {
+    // A server that crashed counts as killed once its exit is seen, which may be just
+    // after its clients saw their connections cut.
+    await sleep(300);
     explained = explainCut(exp, cacheStatus, endedAt, world);
     if (explained === undefined) {
       fail("unexplained-cut", `body cut after ${received} of ${expectedLength} bytes`);

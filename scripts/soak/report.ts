@@ -38,16 +38,7 @@ export interface Found extends Violation {
  * tests/regressions_test.ts. They are printed and counted apart, and fail
  * the run only with `--strict`. Remove an entry when its finding is fixed.
  */
-export const KNOWN: { finding: string; matches(found: Found): boolean }[] = [
-  {
-    // Node 24's bundled undici; fixed in undici 8. The proxy command guards against it
-    // (src/proxy/_undici_guard.ts); the soak's servers, like a library user's, do not.
-    finding: "nodejs/undici#5360: Node's fetch crashes the process when an upstream closes a " +
-      "connection whose body waits for its reader (--runtime node)",
-    matches: (found) =>
-      found.kind === "server-crash" && found.context.includes("assert(!this.paused)"),
-  },
-];
+export const KNOWN: { finding: string; matches(found: Found): boolean }[] = [];
 
 /** Adds `by` to `table[key]`. */
 export function bump(table: Record<string, number>, key: string, by = 1): void {

@@ -20,6 +20,7 @@ import { cacheApi, type Cluster, FileSystemStore, imageCache, joinCluster } from
 import { Rng } from "./data.ts";
 import { type StoreFaultRates, withStoreFaults } from "./store.ts";
 import { startServer } from "../../tests/_helpers.ts";
+import { guardPausedParser } from "../../src/proxy/_undici_guard.ts";
 
 /** What the orchestrator passes to a server process. */
 export interface SoakServerConfig {
@@ -138,6 +139,10 @@ async function join(selfUrl: string): Promise<Cluster> {
   }
 }
 
+// On Node, the proxy command's guard against nodejs/undici#5360 (src/proxy/_undici_guard.ts):
+// the soak checks what the shipped command does (without it, Node's fetch kills a server
+// every few seconds here).
+guardPausedParser((message) => out(`ERROR ${message}`));
 await store.list(); // The start sweep is over once the store answers.
 /** The app, set once this server knows its cluster (a request before that gets a 503). */
 const ready: { app?: Hono } = {};

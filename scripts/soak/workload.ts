@@ -315,6 +315,7 @@ export class Workload {
       judged = await judge(res, exp, world);
     } catch (error) {
       clearTimeout(timer);
+      await sleep(300); // A crash is recorded once its exit is seen (see explainCut).
       judged =
         abort.signal.aborted && !world.killedBetween(slot.index, exp.started, Date.now() + 1000)
           ? {
@@ -389,6 +390,7 @@ export class Workload {
         violations,
       };
     } catch (error) {
+      await sleep(300); // A crash is recorded once its exit is seen (see explainCut).
       judged = judgeFailure(exp, world, error);
       res = undefined;
     } finally {
