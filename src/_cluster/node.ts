@@ -425,9 +425,13 @@ export class ClusterNode implements PeerHost, PeerClient {
           // The peer's fill ended its body once verified, and commits (an fsync of the
           // whole file, seconds on a busy disk): ask for its digest until it has.
           const deadline = Date.now() + 10_000;
+          let missing = 0;
           for (let attempt = 1; Date.now() < deadline; attempt++) {
             const head = await askPeer(this, url, id, 0, "HEAD");
             if (head?.state === "cached") return head.digest;
+            // Neither filling nor cached, several times: its commit failed, or it went.
+            if (head === undefined && ++missing >= 5) return undefined;
+            if (head !== undefined) missing = 0;
             await new Promise((resolve) => setTimeout(resolve, Math.min(50 * attempt, 250)));
           }
           return undefined;

@@ -4,6 +4,7 @@
  * (tests/cluster_test.ts) reach only by chance. Deno-only: it imports src/.
  */
 import { describe, it } from "node:test";
+import { createHash } from "node:crypto";
 import assert from "node:assert/strict";
 import { resilientSource, type SourceChain } from "../../src/_cluster/source.ts";
 import type { PeerAnswer } from "../../src/_cluster/peer.ts";
@@ -102,6 +103,31 @@ describe("resilientSource()", () => {
       gaveUp[0],
       /^peer http:\/\/127\.0\.0\.1:1 failed: .* at 70000: The origin answered 404/,
     );
+  });
+
+  it("without any digest, checks a clean end against the peer's committed digest, else leaves the length", async () => {
+    const md5 = createHash("md5").update(IMAGE).digest("hex");
+    for (
+      const [told, ok] of [
+        [{ algorithm: "md5" as const, value: md5 }, true],
+        [{ algorithm: "md5" as const, value: "0".repeat(32) }, false],
+        [undefined, true], // Its commit failed: the fill's length check stands, as on one node.
+      ] as const
+    ) {
+      const c = chain(rest);
+      c.committedDigest = () => Promise.resolve(told);
+      const stream = resilientSource({
+        first: peerAnswer(IMAGE.length, IMAGE, false),
+        length: IMAGE.length,
+        stallTime: 1000,
+        chain: c,
+      });
+      const { bytes, error } = await readBody(new Response(stream));
+      if (ok) {
+        assert.equal(error, undefined);
+        assertBytes(bytes, IMAGE);
+      } else assert.match(String(error), /Checksum mismatch/);
+    }
   });
 
   it("fails at once, asking the origin once, when the origin's length is not the one the peer announced", async () => {
