@@ -152,6 +152,8 @@ export class FileSystemStore implements ImageStore {
   #known = new Map<string, KnownEntry>();
   #dirtyHits = new Set<string>();
   #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The hit flushes, in order (see `#flushHits`). Never rejects. */
+  #flushes: Promise<void> = Promise.resolve();
   #queueSequence = 0;
   #closed = false;
 
@@ -299,7 +301,18 @@ export class FileSystemStore implements ImageStore {
     }
   }
 
-  async #flushHits(): Promise<void> {
+  /**
+   * Writes the hit counts recorded since the last flush. Flushes run one
+   * after the other: `close()` waits for one a timer started, so a process
+   * that exits once its store is closed loses no count.
+   */
+  #flushHits(): Promise<void> {
+    const run = this.#flushes.then(() => this.#writeHits());
+    this.#flushes = run.catch(() => {});
+    return run;
+  }
+
+  async #writeHits(): Promise<void> {
     const ids = [...this.#dirtyHits];
     this.#dirtyHits.clear();
     for (const id of ids) {

@@ -20,6 +20,7 @@ import {
   hexDigest,
   pattern,
   readBody,
+  sleep,
   slowStream,
   waitFor,
   withTempDir,
@@ -215,6 +216,24 @@ describe("FileSystemStore", () => {
         const after = await reopened.get("img");
         assert.equal(after?.hits, 2);
         assert.equal(after?.lastAccessed, before?.lastAccessed);
+      } finally {
+        await reopened.close();
+      }
+    });
+  });
+
+  it("keeps the hits of a flush under way when it is closed (a process exits right after)", async () => {
+    await withTempDir(async (dir) => {
+      const store = new FileSystemStore({ directory: dir });
+      const { app: a } = app(store);
+      await readBody(await a.request("/v2/images/img/file"));
+      await readBody(await a.request("/v2/images/img/file"));
+      // The flush a hit schedules (2 s later) is under way when close() is called.
+      await sleep(2000);
+      await store.close();
+      const reopened = new FileSystemStore({ directory: dir });
+      try {
+        assert.equal((await reopened.get("img"))?.hits, 1);
       } finally {
         await reopened.close();
       }
