@@ -738,10 +738,15 @@ export class Fill {
         ? Math.min(end, this.#written)
         : Math.min(end - 1, this.#readable());
       if (position < stop) {
-        const bytes = await this.#bytesAt(position, stop).catch((error) => {
-          if (this.state === "failed") throw this.error;
+        let bytes: Uint8Array;
+        try {
+          bytes = await this.#bytesAt(position, stop);
+        } catch (error) {
+          // (try/catch, not a `.catch` closure: this runs for every chunk of every reader.)
+          // (The state may have changed during the await; TypeScript narrowed it before.)
+          if ((this.state as Fill["state"]) === "failed") throw this.error;
           throw new ReadBackError(position, { cause: error });
-        });
+        }
         reader.position = position + bytes.byteLength;
         this.#readerMoved();
         return bytes;
@@ -751,9 +756,11 @@ export class Fill {
         // A range with every byte but its last, which waits for verification:
         // keep that byte aside, so this reader holds no memory of the fill and
         // a detached fill never waits for it (it would wait forever).
-        reader.parked = (await this.#bytesAt(position, end).catch((error) => {
+        try {
+          reader.parked = (await this.#bytesAt(position, end)).slice();
+        } catch (error) {
           throw new ReadBackError(position, { cause: error });
-        })).slice();
+        }
         reader.position = Infinity;
         this.#readerMoved();
         continue;
