@@ -365,11 +365,13 @@ export class FileSystemStore implements ImageStore {
         await removeIfPresent(ownerPath);
       }
     }
-    let handle, reader;
+    let handle, reader, info;
     try {
       handle = await open(dataPath, "w");
       reader = await open(dataPath, "r");
+      info = await handle.stat();
     } catch (error) {
+      await reader?.close().catch(() => {});
       await handle?.close().catch(() => {});
       await removeIfPresent(dataPath).catch(() => {});
       await removeIfPresent(ownerPath).catch(() => {});
@@ -381,6 +383,7 @@ export class FileSystemStore implements ImageStore {
       handle,
       reader,
       this.#lockOf(id, name, owner, options?.since),
+      { dev: info.dev, ino: info.ino },
     );
   }
 

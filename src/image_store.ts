@@ -118,9 +118,17 @@ export interface ImageWriter {
    * A file that holds the bytes written so far from position 0, readable by
    * another thread of this process. With it, the cache hashes a large fill
    * off the main thread by reading the file back, instead of copying each
-   * byte to a worker. Absent: the bytes are handed over in memory.
+   * byte to a worker. Used only with {@linkcode fileIdentity}. Absent: the
+   * bytes are handed over in memory.
    */
   readonly path?: string;
+  /**
+   * The identity of the file at {@linkcode path} when the writer opened it
+   * (`stat`'s `dev` and `ino`). The worker opens `path` a moment after the
+   * fill starts; by then a delete may have put another fill's file under
+   * that name, and the worker hashes the file only if it is still this one.
+   */
+  readonly fileIdentity?: { readonly dev: number; readonly ino: number };
   /**
    * Whether this writer still holds its lock. A store shared by processes
    * answers `false` once another process deleted the fill; the cache then

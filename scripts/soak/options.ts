@@ -121,6 +121,7 @@ export function parseArgs(args: string[]): SoakOptions {
   const storeFaults: StoreFaultRates = flags.has("no-store-faults") ? NO_STORE_FAULTS : {
     createWriter: 0.02,
     write: 0.0004,
+    slowWrite: 0.01,
     slowCommit: 0.05,
     failCommit: 0.02,
     get: 0.005,

@@ -357,11 +357,15 @@ export async function judge(res: Response, exp: Expectation, world: World): Prom
     // after its clients saw their connections cut.
     await sleep(300);
     explained = explainCut(exp, cacheStatus, endedAt, world);
+    // Whether the bytes before the cut were right tells a wrong source from a wrong check.
+    const wrong = mismatches === 0
+      ? "all right"
+      : `${mismatches > 16 ? "over 16" : mismatches} wrong, the first at ${firstMismatch}`;
     if (explained === undefined) {
-      fail("unexplained-cut", `body cut after ${received} of ${expectedLength} bytes`);
+      fail("unexplained-cut", `body cut after ${received} of ${expectedLength} bytes (${wrong})`);
     } else if (explained === "store-read-fault") {
       // Invariant 2: a client the store cannot serve gets the rest from the origin (src/_fill/rescue.ts).
-      fail("store-fault-cut", `body cut after ${received} of ${expectedLength} bytes`);
+      fail("store-fault-cut", `body cut after ${received} of ${expectedLength} bytes (${wrong})`);
     }
   } else if (ending === "timeout") {
     explained = world.killedBetween(exp.server, exp.started, endedAt) ? "killed" : undefined;

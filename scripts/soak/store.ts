@@ -1,6 +1,6 @@
 /**
  * A store wrapper for the soak that injects faults at random: a writer that
- * cannot be created (EACCES), writes that fail (ENOSPC, EIO), a slow or
+ * cannot be created (EACCES), writes that fail (ENOSPC, EIO) or wait, a slow or
  * failing fsync at commit (half of the failures leave the store's lock
  * behind, as a real fsync failure can), lookups and hit opens that fail (EIO), and
  * trailing reads that fail. Every fault is reported, so the orchestrator can
@@ -25,6 +25,8 @@ export interface StoreFaultRates {
   createWriter: number;
   /** Per write call. */
   write: number;
+  /** Per write call: the write waits 5-40 ms first (a busy disk). */
+  slowWrite: number;
   /** Per commit: the fsync takes 0.2-2 s. */
   slowCommit: number;
   /** Per commit: the fsync fails (EIO). */
@@ -39,6 +41,7 @@ export interface StoreFaultRates {
 export const NO_STORE_FAULTS: StoreFaultRates = {
   createWriter: 0,
   write: 0,
+  slowWrite: 0,
   slowCommit: 0,
   failCommit: 0,
   get: 0,
@@ -66,6 +69,12 @@ export function withStoreFaults(
     report(kind);
     return true;
   };
+  /** A busy disk: a write under way is when a delete or a kill finds a fill (the soak found one). */
+  const slowly = async () => {
+    if (roll(rates.slowWrite, "store-slow-write")) {
+      await new Promise((resolve) => setTimeout(resolve, rng.int(5, 40)));
+    }
+  };
   const overrides: Partial<ImageStore> = {
     get(id: string): Promise<ImageEntry | undefined> {
       if (roll(rates.get, "store-get-eio")) return Promise.reject(fault("EIO", "get"));
@@ -84,9 +93,16 @@ export function withStoreFaults(
       if (typeof writer === "string") return writer;
       const faulty: Partial<ImageWriter> = {
         async write(chunk) {
+          await slowly();
           if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
           if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
           await writer.write(chunk);
+        },
+        async writev(chunks) {
+          await slowly();
+          if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
+          if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
+          await (writer.writev ? writer.writev(chunks) : writeEach(writer, chunks));
         },
         read(position, length) {
           if (roll(rates.read, "store-read-eio")) return Promise.reject(fault("EIO", "read"));
@@ -116,6 +132,10 @@ export function withStoreFaults(
     },
   };
   return forwarding(inner, overrides);
+}
+
+async function writeEach(writer: ImageWriter, chunks: readonly Uint8Array[]): Promise<void> {
+  for (const chunk of chunks) await writer.write(chunk);
 }
 
 /**

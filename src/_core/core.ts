@@ -500,8 +500,11 @@ export class CacheCore {
     if (this.#fills.get(fill.id) === fill) this.#fills.delete(fill.id);
     const counters = this.counters;
     counters.bytesFromOrigin += fill.written;
-    if (fill.error?.reason === "digest" || fill.error?.reason === "length") {
-      counters.verificationFailures++;
+    const reason = fill.error?.reason;
+    if (reason === "digest" || reason === "length") counters.verificationFailures++;
+    if (reason === "digest" || reason === "length" || reason === "hash-error") {
+      // Not a client or an origin going away: a body that could not be verified is worth a line.
+      onError(new Error(`The fill of "${fill.id}" failed (${reason}): ${fill.error!.message}`));
     }
     if (fill.committed === undefined) {
       if (fill.commitFailed) counters.commitFailures++;

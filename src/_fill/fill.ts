@@ -225,16 +225,18 @@ export class Fill {
     this.expectedLength = init.expectedLength;
     this.followed = init.followed ?? false;
     const path = init.writer?.path;
+    const identity = init.writer?.fileIdentity;
     this.#hash = fillHash(
       init.expected?.algorithm ?? "md5",
       init.expectedLength,
-      path === undefined ? undefined : {
+      path === undefined || identity === undefined ? undefined : {
         path,
+        identity,
         read: (position, length) => init.writer!.read(position, length),
       },
     );
     // Only a worker reads the file back; on this thread, hashing the chunks in hand is cheaper.
-    this.#hashFromFile = path !== undefined && this.#hash.readsFile;
+    this.#hashFromFile = this.#hash.readsFile;
     this.#source = init.source.getReader();
     this.#newTick();
     this.released = new Promise((resolve) => this.#release = resolve);
@@ -596,7 +598,10 @@ export class Fill {
       for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
       keep = Math.max(keep, slowest);
     }
-    const floor = Math.min(this.#written - this.#window_size(), keep);
+    // Never a byte the hash still needs from memory: past what it reads from the file
+    // (a fill that just stopped storing has not told it yet), or past what it was fed.
+    const hashNeeds = this.#hashFromFile ? this.#durable : this.#hashed;
+    const floor = Math.min(this.#written - this.#window_size(), keep, hashNeeds);
     let drop = 0;
     while (
       drop < this.#window.length &&

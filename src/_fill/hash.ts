@@ -41,10 +41,23 @@ const SPARE_BUFFERS = 12;
 /** Largest read back from the file when the main thread must hash it itself. */
 const READ_BACK = 2 ** 20;
 
+/** A file's identity, as `stat` tells it. */
+export interface FileIdentity {
+  readonly dev: number;
+  readonly ino: number;
+}
+
 /** Where the bytes a fill stored can be read back: for hashing them off the main thread. */
 export interface HashSource {
   /** A file holding the fill's bytes from position 0; read by the worker. */
   path: string;
+  /**
+   * The identity of the writer's file (`stat`'s `dev` and `ino`). The
+   * worker opens `path` a moment later, on its own thread: by then a delete
+   * may have put another fill's file under that name. It hashes the file
+   * only when these match, else the bytes are read back on this thread.
+   */
+  identity: FileIdentity;
   /** Reads the same bytes on this thread (when no worker can). */
   read(position: number, length: number): Promise<Uint8Array>;
 }
@@ -198,7 +211,7 @@ class InlineHash implements FillHash {
 
 /** Messages to the worker, and from it. */
 type ToWorker =
-  | { id: number; op: "start"; algorithm: string; path?: string }
+  | { id: number; op: "start"; algorithm: string; path?: string; dev?: number; ino?: number }
   | { id: number; op: "file"; end: number }
   | { id: number; op: "update"; bytes: ArrayBuffer; n: number }
   | { id: number; op: "end" }
@@ -216,7 +229,7 @@ type FromWorker =
 const WORKER_CODE = `
 const { parentPort } = require("node:worker_threads");
 const { createHash } = require("node:crypto");
-const { openSync, readSync, closeSync } = require("node:fs");
+const { openSync, readSync, closeSync, fstatSync } = require("node:fs");
 const jobs = new Map();
 const buffer = new Uint8Array(${READ_BACK});
 function close(job) {
@@ -229,10 +242,18 @@ function handle(message) {
   if (op === "start") {
     const job = { hash: createHash(message.algorithm), fd: undefined, at: 0, failed: false };
     jobs.set(id, job);
-    // Opened at once: the name may be reused by a later fill once this one is over.
+    // Opened at once, and only if it is still the writer's file: a delete may have
+    // put another fill's file under that name since the fill started.
     try {
-      if (message.path !== undefined) job.fd = openSync(message.path, "r");
+      if (message.path !== undefined) {
+        job.fd = openSync(message.path, "r");
+        const info = fstatSync(job.fd);
+        if (info.dev !== message.dev || info.ino !== message.ino) {
+          throw new Error("the file at " + message.path + " is no longer the fill's");
+        }
+      }
     } catch (error) {
+      close(job);
       job.failed = true;
       parentPort.postMessage({ id, op: "error", message: String(error && error.message || error) });
     }
@@ -351,14 +372,21 @@ class HashWorker {
   }
 
   /** A new hash in the worker; its messages go to `listener`. */
-  open(algorithm: string, path: string | undefined, listener: Listener): number {
+  open(algorithm: string, file: HashSource | undefined, listener: Listener): number {
     const id = this.#nextId++;
     if (this.#failed !== undefined) {
       queueMicrotask(() => listener.fail(this.#failed!));
       return id;
     }
     this.#listeners.set(id, listener);
-    this.#worker.postMessage({ id, op: "start", algorithm, path });
+    this.#worker.postMessage({
+      id,
+      op: "start",
+      algorithm,
+      path: file?.path,
+      dev: file?.identity.dev,
+      ino: file?.identity.ino,
+    });
     return id;
   }
 
@@ -457,7 +485,7 @@ class WorkerHash implements FillHash {
       this.#reject = reject;
     });
     this.#result.catch(() => {}); // Observed by digest(); never an unhandled rejection.
-    this.#id = worker.open(algorithm, source?.path, {
+    this.#id = worker.open(algorithm, source, {
       ack: (n, bytes) => {
         this.#answered = true;
         this.#unacknowledged.shift();

@@ -57,6 +57,8 @@ const FLUSH_EVERY = 32 * 2 ** 20;
 export class FileWriter implements ImageWriter {
   /** The partial file (`incomplete/<id>`): the cache's hash worker reads it back. */
   readonly path: string;
+  /** The identity of the file at `path` when it was created (see `ImageWriter.fileIdentity`). */
+  readonly fileIdentity: { readonly dev: number; readonly ino: number } | undefined;
   #id: string;
   #lock: WriterLock;
   #handle: PositionalFile;
@@ -77,9 +79,11 @@ export class FileWriter implements ImageWriter {
     handle: PositionalFile,
     reader: PositionalFile,
     lock: WriterLock,
+    identity?: { readonly dev: number; readonly ino: number },
   ) {
     this.#id = id;
     this.path = path;
+    this.fileIdentity = identity;
     this.#lock = lock;
     this.#handle = handle;
     this.#reader = reader;

@@ -30,6 +30,8 @@ export interface Faults {
   failBody?: boolean;
   /** Writer reads (trailing clients) and follower reads reject. */
   failRead?: boolean;
+  /** Each write waits this many milliseconds first: a slow or busy disk. */
+  writeDelay?: number;
 }
 
 /** Options of {@linkcode FaultyStore}. */
@@ -118,7 +120,10 @@ export class FaultyStore implements ImageStore {
     const faults = () => this.faults;
     return {
       path: inner.path,
+      fileIdentity: inner.fileIdentity,
       async write(chunk) {
+        const delay = faults().writeDelay ?? 0;
+        if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
         const limit = faults().failWriteAfter;
         if (limit !== undefined && written + chunk.byteLength > limit) {
           throw fault(faults().writeErrorCode ?? "ENOSPC", "write");

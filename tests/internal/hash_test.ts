@@ -7,6 +7,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import {
   breakNextHashWorker,
+  type FileIdentity,
   fillHash,
   hashWorkerAvailable,
   hashWorkerBusy,
@@ -14,6 +15,7 @@ import {
   WORKER_MIN,
 } from "../../src/_fill/hash.ts";
 import { open, writeFile } from "node:fs/promises";
+import { renameSync } from "node:fs";
 import { join } from "node:path";
 import { hexDigest, pattern, withTempDir } from "../_helpers.ts";
 
@@ -86,20 +88,25 @@ describe("fillHash()", () => {
   /** DATA in a file, as a store writes it, and a source that reads it on this thread. */
   async function withFile(
     fn: (
-      source: { path: string; read: (p: number, n: number) => Promise<Uint8Array> },
+      source: {
+        path: string;
+        identity: FileIdentity;
+        read: (p: number, n: number) => Promise<Uint8Array>;
+      },
     ) => Promise<void>,
   ) {
     await withTempDir(async (dir) => {
       const path = join(dir, "partial");
       await writeFile(path, DATA);
       const handle = await open(path, "r");
+      const { dev, ino } = await handle.stat();
       const read = async (position: number, length: number) => {
         const buffer = new Uint8Array(length);
         const { bytesRead } = await handle.read(buffer, 0, length, position);
         return buffer.subarray(0, bytesRead);
       };
       try {
-        await fn({ path, read });
+        await fn({ path, identity: { dev, ino }, read });
       } finally {
         await handle.close();
       }
@@ -111,7 +118,7 @@ describe("fillHash()", () => {
     await withFile(async (source) => {
       let mainReads = 0;
       const hash = fillHash("sha256", WORKER_MIN, {
-        path: source.path,
+        ...source,
         read: (position, length) => {
           mainReads++;
           return source.read(position, length);
@@ -145,6 +152,26 @@ describe("fillHash()", () => {
       const unopened = fillHash("md5", WORKER_MIN, { ...source, path: source.path + ".gone" });
       unopened.fromFile(DATA.byteLength);
       assert.equal(await unopened.digest(), hexDigest(DATA));
+    });
+  });
+
+  it("hashes the fill's own file, not one a delete put under its name before the worker opened it", async () => {
+    await withFile(async (source) => {
+      const other = source.path + ".other";
+      await writeFile(other, pattern(DATA.byteLength, 99));
+      stopIdleHashWorker(); // The worker starts now: the file is replaced before it opens it.
+      let mainReads = 0;
+      const hash = fillHash("md5", WORKER_MIN, {
+        ...source,
+        read: (position, length) => {
+          mainReads++;
+          return source.read(position, length);
+        },
+      });
+      renameSync(other, source.path);
+      hash.fromFile(DATA.byteLength);
+      assert.equal(await hash.digest(), hexDigest(DATA));
+      assert.ok(mainReads > 0, "the fill's own file was read back on this thread");
     });
   });
 
