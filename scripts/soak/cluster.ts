@@ -201,7 +201,7 @@ export class Cluster {
             }
             bump(
               ledger.counts.cacheErrors,
-              message.replace(/"[^"]*"/g, '"…"').replace(/\d+/g, "N").slice(0, 90),
+              message.replace(/"[^"]*"/g, '"…"').replace(/[0-9a-f]{8,}|\d+/g, "N").slice(0, 90),
             );
           }
         }
