@@ -12,6 +12,7 @@
  * npx -y deno task bench:profile --runtime bun             # CPU by thread only
  * npx -y deno task bench:profile --docs    # every runtime, pass and cache: docs/benchmarks.md
  * npx -y deno task bench:profile --mode pass           # the pass-through, for comparison
+ * npx -y deno task bench:profile --mode hit            # a hit (the second download); --mode raw: its baseline
  * ```
  *
  * @module
@@ -123,13 +124,25 @@ async function profileOnce(
   const flags = runtime.name === "bun" ? [] : ["--cpu-prof", `--cpu-prof-dir=${profiles}`];
   const gib = size / 2 ** 30;
   try {
+    // `hit`: the cache server, measured on its second download; `raw`: the runtime's own
+    // file serving, the hit's baseline.
     const server = await startBenchServer(
       { ...runtime, serverFlags: [...runtime.serverFlags, ...flags] },
-      { mode, origin: origin.url, cache, digest },
+      mode === "raw" ? { mode: "raw", data: dataDir } : {
+        mode: mode === "hit" ? "cache" : mode as "cache" | "pass",
+        origin: origin.url,
+        cache,
+        digest,
+      },
     );
     let threads = new Map<number, ThreadTime>();
     let wall: number, cpu: number;
     try {
+      if (mode === "hit") {
+        const fill = await download([`${server.url}/v2/images/profiled/file`]);
+        if (fill.results[0].bytes !== size) throw new Error("The fill before the hit failed");
+        await new Promise((resolve) => setTimeout(resolve, 1000)); // Committed by then.
+      }
       const before = cpuSeconds(server.pid);
       const start = threadTimes(server.pid);
       // Sampled while it runs, so threads that exit before the end still count.
@@ -255,7 +268,14 @@ async function main() {
   const data = await prepareData({ profiled: size }, log);
   const [deno] = await findRuntimes(["deno"], log);
   const runtimes = await findRuntimes(names, log);
-  const modes = values.docs ? ["pass", "cache"] : [values.mode];
+  const modes = values.docs ? ["pass", "cache", "raw", "hit"] : [values.mode];
+  for (const mode of modes) {
+    if (!["pass", "cache", "raw", "hit"].includes(mode)) {
+      throw new TypeError(
+        `Cannot profile: --mode must be pass, cache, raw or hit, received ${mode}`,
+      );
+    }
+  }
   const profiles: Profiled[] = [];
   for (const runtime of runtimes) {
     for (const mode of modes) {

@@ -73,6 +73,18 @@ export interface PeerServe {
 
 /** Milliseconds a routing query may take before the miss goes to the origin (a slow database is not down). */
 const QUERY_TIMEOUT = 5_000;
+/**
+ * The peers a cluster-wide delete asks directly while the database is up:
+ * those it lists as live, and those known from the last syncs. A node just
+ * back from a database outage may not be listed yet (its heartbeat is
+ * older than `deadAfter`) nor listening again (its NOTIFY is lost), yet it
+ * serves, and its peers fill from it: only a direct ask reaches it. A dead
+ * URL among them costs at most a second.
+ */
+export function evictionTargets(listed: readonly string[], known: readonly string[]): string[] {
+  return [...new Set([...listed, ...known])];
+}
+
 /** Milliseconds a cluster-wide delete waits for each peer's answer. */
 const EVICT_TIMEOUT = 1_000;
 /** Syncs in a row that must miss a peer before a delete stops asking it directly. */
@@ -558,7 +570,7 @@ export class ClusterNode implements PeerHost, PeerClient {
         await this.#registry.notify(JSON.stringify({ ...eviction, from: this.selfUrl }));
         // Every listening node has the NOTIFY: the direct asks are for speed and answers.
         everywhere = true;
-        peers = await this.#registry.peers();
+        peers = evictionTargets(await this.#registry.peers(), peers);
       } catch (error) {
         this.#down(error);
       }
