@@ -69,11 +69,16 @@ export function withStoreFaults(
     report(kind);
     return true;
   };
-  /** A busy disk: a write under way is when a delete or a kill finds a fill (the soak found one). */
-  const slowly = async () => {
+  /**
+   * Before each write: a busy disk (a write under way is when a delete or a
+   * kill finds a fill: the soak found a bug there), or a failed write.
+   */
+  const beforeWrite = async () => {
     if (roll(rates.slowWrite, "store-slow-write")) {
       await new Promise((resolve) => setTimeout(resolve, rng.int(5, 40)));
     }
+    if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
+    if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
   };
   const overrides: Partial<ImageStore> = {
     get(id: string): Promise<ImageEntry | undefined> {
@@ -93,15 +98,11 @@ export function withStoreFaults(
       if (typeof writer === "string") return writer;
       const faulty: Partial<ImageWriter> = {
         async write(chunk) {
-          await slowly();
-          if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
-          if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
+          await beforeWrite();
           await writer.write(chunk);
         },
         async writev(chunks) {
-          await slowly();
-          if (roll(rates.write / 2, "store-write-enospc")) throw fault("ENOSPC", "write");
-          if (roll(rates.write / 2, "store-write-eio")) throw fault("EIO", "write");
+          await beforeWrite();
           await (writer.writev ? writer.writev(chunks) : writeEach(writer, chunks));
         },
         read(position, length) {
