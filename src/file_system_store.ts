@@ -433,6 +433,7 @@ export class FileSystemStore implements ImageStore {
     };
     return {
       owns,
+      deleted: () => this.#deletedSince(name, since),
       commit: (info) => this.#commit(id, name, since, info, owns),
       abort: async (reason) => {
         if (!(await owns())) return; // Someone else removed it and may own the name now.

@@ -444,6 +444,8 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const { own, claim } = core.claim(id);
     if (!own) {
       const fill = await claim.fill;
+      // Deletion wins: a delete in another process since stops the fill storing (no joining).
+      if (fill?.joinable) await fill.checkOwned();
       if (fill?.joinableFromStart) return join(c, next, id, fill);
       return forward(c, next, "uncacheable");
     }

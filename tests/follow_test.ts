@@ -199,6 +199,21 @@ describe("following another process's fill", () => {
     });
   });
 
+  it("lets no request join a fill that a delete in another process came after, though its lock stayed", async () => {
+    await withTwo({ delay: 5 }, {}, async (a, b) => {
+      const first = await startOwner(a);
+      // Process B's delete wrote its tombstone, and listed the partial files before
+      // A's fill took its lock: the lock stays, the tombstone says the fill cannot commit.
+      await b.store.markDeleted!("img");
+      const late = await a.app.request("/v2/images/img/file");
+      assert.doesNotMatch(late.headers.get("cache-status") ?? "", /collapsed/);
+      const body = await readBody(late);
+      assert.equal(body.error, undefined);
+      assertBytes(body.bytes, IMAGE);
+      await first.body?.cancel();
+    });
+  });
+
   it("stops following a fill that another process's DELETE removed, and serves the whole image", async () => {
     await withTwo({ delay: 5 }, {}, async (a, b) => {
       const first = await startOwner(a);

@@ -46,6 +46,8 @@ export interface WriterLock {
   abort(reason: "invalid" | "discard"): Promise<void>;
   /** Whether the lock is still this writer's. */
   owns(): Promise<boolean>;
+  /** Whether a delete came after the fill's request (a tombstone): it cannot commit. */
+  deleted(): Promise<boolean>;
   /** Refreshes the lock's heartbeat. */
   heartbeat(): Promise<void>;
 }
@@ -194,8 +196,13 @@ export class FileWriter implements ImageWriter {
     await this.#lock.abort(reason);
   }
 
-  owned(): Promise<boolean> {
-    return this.#lock.owns();
+  /**
+   * Whether the fill is still this writer's to commit: its lock, and no
+   * delete since its request (another process's delete may leave the lock
+   * of a fill it did not see yet; the tombstone tells).
+   */
+  async owned(): Promise<boolean> {
+    return await this.#lock.owns() && !(await this.#lock.deleted());
   }
 
   async close(): Promise<void> {

@@ -44,6 +44,7 @@ function fakeLock(faults: { commit?: boolean } = {}) {
       return Promise.resolve();
     },
     owns: () => Promise.resolve(true),
+    deleted: () => Promise.resolve(false),
     heartbeat: () => Promise.resolve(),
   };
   return { lock, calls };
