@@ -124,8 +124,22 @@ async function profileOnce(
   const flags = runtime.name === "bun" ? [] : ["--cpu-prof", `--cpu-prof-dir=${profiles}`];
   const gib = size / 2 ** 30;
   try {
-    // `hit`: the cache server, measured on its second download; `raw`: the runtime's own
-    // file serving, the hit's baseline.
+    if (mode === "hit") {
+      // Filled by a server of its own, so that the profile holds the hit alone.
+      const filler = await startBenchServer(runtime, {
+        mode: "cache",
+        origin: origin.url,
+        cache,
+        digest,
+      });
+      try {
+        const fill = await download([`${filler.url}/v2/images/profiled/file`]);
+        if (fill.results[0].bytes !== size) throw new Error("The fill before the hit failed");
+      } finally {
+        await filler.stop();
+      }
+    }
+    // `hit`: a cache server that has the image; `raw`: the runtime's own file serving.
     const server = await startBenchServer(
       { ...runtime, serverFlags: [...runtime.serverFlags, ...flags] },
       mode === "raw" ? { mode: "raw", data: dataDir } : {
@@ -138,11 +152,6 @@ async function profileOnce(
     let threads = new Map<number, ThreadTime>();
     let wall: number, cpu: number;
     try {
-      if (mode === "hit") {
-        const fill = await download([`${server.url}/v2/images/profiled/file`]);
-        if (fill.results[0].bytes !== size) throw new Error("The fill before the hit failed");
-        await new Promise((resolve) => setTimeout(resolve, 1000)); // Committed by then.
-      }
       const before = cpuSeconds(server.pid);
       const start = threadTimes(server.pid);
       // Sampled while it runs, so threads that exit before the end still count.
