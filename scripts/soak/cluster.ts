@@ -35,6 +35,8 @@ export interface Slot {
   starts: number[];
   /** Store faults reported, with their time. */
   faults: { at: number; kind: string }[];
+  /** The last second's health, from `/proc` (for reports of a server that stopped answering). */
+  health?: string;
   stderr: string[];
   expectExit: boolean;
   /** Exited by itself: the monitor restarts it. */
@@ -337,6 +339,7 @@ export class Cluster {
           );
         }
         slot.peakRss = Math.max(slot.peakRss, rss);
+        slot.health = await health(slot.pid, slot.health, rss);
       }
       // Restart a server that crashed by itself.
       for (const slot of this.slots) {
@@ -415,4 +418,24 @@ export async function nodeServer(directory: string): Promise<string[]> {
     }
   }
   return [node, bundle];
+}
+
+/**
+ * One line on a server process, from `/proc`: its CPU over the last second
+ * (100 % per busy core: a spinning event loop shows), open files (a leak
+ * shows) and memory. `previous` carries the CPU ticks of the last sample.
+ */
+async function health(pid: number, previous: string | undefined, rss: number): Promise<string> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  const ticks = Number(fields[11]) + Number(fields[12]);
+  const before = Number(/ticks=(\d+)/.exec(previous ?? "")?.[1] ?? NaN);
+  const fds = await Array.fromAsync(Deno.readDir(`/proc/${pid}/fd`)).then(
+    (e) => e.length,
+    () => -1,
+  );
+  const cpu = Number.isNaN(before) ? "?" : `${ticks - before}%`;
+  return `CPU ${cpu} over the last second, ${fds} open files, ${
+    Math.round(rss / MiB)
+  } MiB, ticks=${ticks}`;
 }

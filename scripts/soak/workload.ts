@@ -233,12 +233,15 @@ export class Workload {
         }:${r.start}-${r.end}${r.done === undefined ? "" : `:done@${r.done - exp.started}ms`}`
       )
       : [];
+    // A server that stopped answering: how it was doing (CPU, open files) tells a spin from a leak.
+    const slot = this.#options.cluster.slots[exp.server];
+    const health = slot?.health === undefined ? "" : `\n    server ${exp.server}: ${slot.health}`;
     for (const v of judged.violations) {
       ledger.violation(
         v,
-        `origin: ${JSON.stringify(origin.byRequest.get(exp.req) ?? [])}; image ${
-          JSON.stringify({ ...exp.image, md5: undefined })
-        }${
+        `origin: ${JSON.stringify(origin.byRequest.get(exp.req) ?? [])}${
+          /stuck|request-failed/.test(v.kind) ? health : ""
+        }; image ${JSON.stringify({ ...exp.image, md5: undefined })}${
           shared.length > 0 ? `\n    the image's other origin reads: ${shared.join(" ")}` : ""
         }\n    ` +
           `req ${exp.req} server ${exp.server} ${exp.method} ${path} ${
