@@ -312,6 +312,11 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const rescue = async () => {
       if (rescued) return undefined;
       rescued = true;
+      // The rescue checks a whole answer from byte 0: for a Range (or a precondition) this
+      // request's own origin answer is a 206 (or a 304...), so `fetchImage` asks, when given.
+      if (answer !== undefined && fetchImage !== undefined) {
+        return await fetchImage(id, new AbortController().signal);
+      }
       c.finalized = false; // Hono keeps the origin's answer only in a context not finalized.
       await next();
       return c.res;

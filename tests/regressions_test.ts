@@ -364,6 +364,30 @@ describe("regressions found by the soak", () => {
       assertBytes(bytes, big.subarray(100, 200_000));
     });
 
+    it("a range joined to the fill is rescued through fetchImage when its origin answers ranges", async () => {
+      // Found by the cluster soak: the request's own origin answer was a 206, which cannot be
+      // checked from byte 0, and the client was cut.
+      const ranged = (c: Context) => {
+        const range = /^bytes=(\d+)-(\d+)$/.exec(c.req.header("range") ?? "");
+        if (range === null) return good(c);
+        const [start, end] = [Number(range[1]), Number(range[2])];
+        return c.body(big.slice(start, end + 1), 206, {
+          "content-range": `bytes ${start}-${end}/${big.byteLength}`,
+        });
+      };
+      const { store, first, late, calls } = await trailing(ranged, {
+        range: "bytes=100-199999",
+        fetchImage: true,
+      });
+      assert.equal(late.status, 206);
+      await readBody(first);
+      store.faults.failRead = true;
+      const { bytes, error } = await readBody(late);
+      assert.equal(error, undefined);
+      assertBytes(bytes, big.subarray(100, 200_000));
+      assert.equal(calls(), 2, "the whole image once more, through fetchImage");
+    });
+
     it("is cut, never ends cleanly, when the origin's second answer is not the image", async () => {
       const { store, first, late } = await trailing((c, calls) => {
         const body = calls === 1 ? big : big.slice();
