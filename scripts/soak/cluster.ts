@@ -421,9 +421,9 @@ export async function nodeServer(directory: string): Promise<string[]> {
 }
 
 /**
- * One line on a server process, from `/proc`: its CPU over the last second
- * (100 % per busy core: a spinning event loop shows), open files (a leak
- * shows) and memory. `previous` carries the CPU ticks of the last sample.
+ * One line on a server process, from `/proc`: its main thread's state, its
+ * CPU over the last second (100 % per busy core: a spinning event loop
+ * shows), open files (a leak shows) and memory. `previous` carries the CPU ticks of the last sample.
  */
 async function health(pid: number, previous: string | undefined, rss: number): Promise<string> {
   const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
@@ -435,7 +435,9 @@ async function health(pid: number, previous: string | undefined, rss: number): P
     () => -1,
   );
   const cpu = Number.isNaN(before) ? "?" : `${ticks - before}%`;
-  return `CPU ${cpu} over the last second, ${fds} open files, ${
+  // The main thread's state: R running, S waiting for an event, D in the kernel (a disk wait).
+  const state = fields[0] || "?";
+  return `state ${state}, CPU ${cpu} over the last second, ${fds} open files, ${
     Math.round(rss / MiB)
   } MiB, ticks=${ticks}`;
 }
