@@ -502,8 +502,8 @@ export class CacheCore {
     counters.bytesFromOrigin += fill.written;
     const reason = fill.error?.reason;
     if (reason === "digest" || reason === "length") counters.verificationFailures++;
-    if (reason === "digest" || reason === "length" || reason === "hash-error") {
-      // Not a client or an origin going away: a body that could not be verified is worth a line.
+    if (reason !== undefined && reason !== "cancelled") {
+      // Its clients were cut (not one left: "cancelled"): worth a line, with why.
       onError(new Error(`The fill of "${fill.id}" failed (${reason}): ${fill.error!.message}`));
     }
     if (fill.committed === undefined) {
