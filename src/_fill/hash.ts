@@ -26,7 +26,7 @@
  */
 import { createHash, type Hash } from "node:crypto";
 import { unrefTimer } from "../_runtime.ts";
-import type { DigestAlgorithm } from "../image_store.ts";
+import type { DigestAlgorithm, ImageWriter } from "../image_store.ts";
 
 /** Fills of at least this many bytes (by `Content-Length`) hash in the worker. */
 export const WORKER_MIN = 64 * 2 ** 20;
@@ -41,11 +41,8 @@ const SPARE_BUFFERS = 12;
 /** Largest read back from the file when the main thread must hash it itself. */
 const READ_BACK = 2 ** 20;
 
-/** A file's identity, as `stat` tells it. */
-export interface FileIdentity {
-  readonly dev: number;
-  readonly ino: number;
-}
+/** A file's identity, as `stat` tells it (`ImageWriter.fileIdentity`). */
+export type FileIdentity = NonNullable<ImageWriter["fileIdentity"]>;
 
 /** Where the bytes a fill stored can be read back: for hashing them off the main thread. */
 export interface HashSource {

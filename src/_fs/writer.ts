@@ -60,7 +60,7 @@ export class FileWriter implements ImageWriter {
   /** The partial file (`incomplete/<id>`): the cache's hash worker reads it back. */
   readonly path: string;
   /** The identity of the file at `path` when it was created (see `ImageWriter.fileIdentity`). */
-  readonly fileIdentity: { readonly dev: number; readonly ino: number } | undefined;
+  readonly fileIdentity: ImageWriter["fileIdentity"];
   #id: string;
   #lock: WriterLock;
   #handle: PositionalFile;
@@ -81,7 +81,7 @@ export class FileWriter implements ImageWriter {
     handle: PositionalFile,
     reader: PositionalFile,
     lock: WriterLock,
-    identity?: { readonly dev: number; readonly ino: number },
+    identity?: ImageWriter["fileIdentity"],
   ) {
     this.#id = id;
     this.path = path;
