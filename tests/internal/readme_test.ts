@@ -1,7 +1,7 @@
 /**
- * The README says what the code does: its `Cache-Status` table lists every
- * detail of {@linkcode CACHE_STATUS_DETAILS}, and nothing else.
- * Deno-only: it reads the README from the checkout.
+ * The docs say what the code does: docs/http.md's `Cache-Status` details
+ * table lists every detail of {@linkcode CACHE_STATUS_DETAILS}, and nothing
+ * else, and the README links to it. Deno-only: it reads the checkout.
  */
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
@@ -9,12 +9,13 @@ import { readFile } from "node:fs/promises";
 import { CACHE_STATUS_DETAILS } from "../../mod.ts";
 
 const README = new URL("../../README.md", import.meta.url);
+const HTTP = new URL("../../docs/http.md", import.meta.url);
 
-/** The first-column tokens of the first table under the first heading naming `Cache-Status`. */
+/** The first-column tokens of the first table under the first heading naming `Cache-Status` details. */
 function detailsInReadme(text: string): string[] {
   const lines = text.split("\n");
-  const heading = lines.findIndex((line) => /^#+ .*Cache-Status/.test(line));
-  assert.notEqual(heading, -1, "the README has a heading about Cache-Status");
+  const heading = lines.findIndex((line) => /^#+ .*Cache-Status. details/.test(line));
+  assert.notEqual(heading, -1, "docs/http.md has a heading about Cache-Status details");
   const tokens: string[] = [];
   let inTable = false;
   for (const line of lines.slice(heading + 1)) {
@@ -30,9 +31,10 @@ function detailsInReadme(text: string): string[] {
   return tokens;
 }
 
-describe("README", () => {
-  it("lists every Cache-Status detail the code sends, and no other", async () => {
-    const documented = detailsInReadme(await readFile(README, "utf8")).sort();
+describe("README and docs/http.md", () => {
+  it("list every Cache-Status detail the code sends, and no other, one link away", async () => {
+    const documented = detailsInReadme(await readFile(HTTP, "utf8")).sort();
     assert.deepEqual(documented, Object.keys(CACHE_STATUS_DETAILS).sort());
+    assert.match(await readFile(README, "utf8"), /docs\/http\.md#cache-status-details/);
   });
 });
