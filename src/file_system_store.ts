@@ -527,6 +527,14 @@ export class FileSystemStore implements ImageStore {
     }
   }
 
+  /** Whether `id` (or every image) was marked deleted at or after `since` (ms). */
+  async deletedSince(id: string, since: number): Promise<boolean> {
+    const name = fileNameForId(id);
+    if (name === undefined) return false;
+    await this.#init();
+    return await this.#deletedSince(name, since);
+  }
+
   /** Removes a committed entry. */
   async delete(id: string): Promise<boolean> {
     const name = fileNameForId(id);

@@ -242,6 +242,20 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
   };
 
   /**
+   * Whether another process deleted `id` at or after `since`. A store that
+   * cannot tell says yes: the request then goes to the origin, which is safe.
+   */
+  const deletedSince = async (c: Context, id: string, since: number): Promise<boolean> => {
+    if (store.deletedSince === undefined) return false;
+    try {
+      return await store.deletedSince(id, since);
+    } catch (error) {
+      report(c)(error);
+      return true;
+    }
+  };
+
+  /**
    * The headers of a plain `200` hit (no `Range`, no precondition), built
    * once per committed entry: most hits are plain, and these headers are
    * the same each time. Bounded; an entry replaced under the same id gets
@@ -449,8 +463,12 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     const { own, claim } = core.claim(id);
     if (!own) {
       const fill = await claim.fill;
-      // Deletion wins: a delete in another process since stops the fill storing (no joining).
+      // Deletion wins: a delete in another process since stops the fill storing (no joining),
+      // and keeps this request off a fill that stores nothing here (its answer may predate it).
       if (fill?.joinable) await fill.checkOwned();
+      else if (fill?.joinableFromStart && await deletedSince(c, id, claim.started)) {
+        return forward(c, next, "deleted");
+      }
       if (fill?.joinableFromStart) return join(c, next, id, fill);
       return forward(c, next, "uncacheable");
     }

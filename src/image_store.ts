@@ -290,6 +290,14 @@ export interface ImageStore {
    */
   markDeleted?(id?: string): Promise<void>;
   /**
+   * Whether `id` (or every image) was marked deleted at or after `since`
+   * (milliseconds since the epoch), by any process: a request that waited
+   * on a fill which stores nothing here checks it before joining, so that a
+   * DELETE elsewhere wins over an answer asked for before it. Pairs with
+   * {@linkcode ImageStore.markDeleted}.
+   */
+  deletedSince?(id: string, since: number): Promise<boolean>;
+  /**
    * Reads the fill of `id` that another process owns (when `createWriter`
    * answered `"busy"`), or `undefined` when there is none to read. The
    * cache then serves its own clients from that file instead of a second

@@ -36,13 +36,16 @@ interface OriginOptions {
   bytes?: Uint8Array;
   /** Send no `Content-Length` (a chunked answer). */
   noLength?: boolean;
+  /** Milliseconds before the answer's headers. */
+  headersDelay?: number;
 }
 
 /** An origin for IMAGE that counts, per response, the bytes its body was asked for. */
 function origin(options: OriginOptions = {}) {
   const pulled: number[] = [];
   const bytes = options.bytes ?? IMAGE;
-  const respond = () => {
+  const respond = async () => {
+    if (options.headersDelay) await sleep(options.headersDelay);
     const index = pulled.push(0) - 1;
     let at = 0;
     const body = new ReadableStream<Uint8Array>({
@@ -64,7 +67,7 @@ function origin(options: OriginOptions = {}) {
   return { pulled, respond };
 }
 
-function appOver(store: ImageStore, respond: () => Response): Hono {
+function appOver(store: ImageStore, respond: () => Promise<Response>): Hono {
   const app = new Hono();
   app.use(imageCache({ store, onError: () => {} }));
   app.get("/v2/images/:id/file", () => respond());
@@ -210,6 +213,25 @@ describe("following another process's fill", () => {
       const body = await readBody(late);
       assert.equal(body.error, undefined);
       assertBytes(body.bytes, IMAGE);
+      await first.body?.cancel();
+    });
+  });
+
+  it("lets no request join a followed fill that a delete in another process came after", async () => {
+    await withTwo({ delay: 5 }, { headersDelay: 100 }, async (a, b) => {
+      const first = await startOwner(a);
+      // B's first request waits for its origin's headers; a DELETE elsewhere comes
+      // meanwhile; a second request of B must not share the first one's answer.
+      const one = b.app.request("/v2/images/img/file");
+      await sleep(20);
+      await a.store.markDeleted!("img");
+      const two = await b.app.request("/v2/images/img/file");
+      assert.equal(two.headers.get("cache-status"), "hono-image-cache; fwd=miss; detail=deleted");
+      const bodies = await Promise.all([readBody(await one), readBody(two)]);
+      for (const body of bodies) {
+        assert.equal(body.error, undefined);
+        assertBytes(body.bytes, IMAGE);
+      }
       await first.body?.cancel();
     });
   });

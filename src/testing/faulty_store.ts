@@ -167,6 +167,10 @@ export class FaultyStore implements ImageStore {
   markDeleted(id?: string): Promise<void> {
     return this.#inner.markDeleted?.(id) ?? Promise.resolve();
   }
+  /** As the wrapped store. */
+  deletedSince(id: string, since: number): Promise<boolean> {
+    return this.#inner.deletedSince?.(id, since) ?? Promise.resolve(false);
+  }
   /** As the wrapped store; the follower's reads fail with `failRead`. */
   async follow(id: string): Promise<ImageFollower | undefined> {
     const follower = await this.#inner.follow?.(id);
