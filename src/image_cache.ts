@@ -241,6 +241,17 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     }
   };
 
+  /** Reports a client of a fill cut by the cache's side (the fill's own failure is reported once). */
+  const cutReport = (c: Context, id: string) => (error: unknown, position: number) =>
+    report(c)(
+      new Error(
+        `A client of the fill of ${JSON.stringify(id)} was cut at byte ${position}: ${
+          error instanceof Error ? error.message : error
+        }`,
+        { cause: error },
+      ),
+    );
+
   /**
    * Whether another process deleted `id` at or after `since`. A store that
    * cannot tell says yes: the request then goes to the origin, which is safe.
@@ -338,12 +349,14 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
     if (answer === undefined) {
       const headers = new Headers(fill.responseHeaders);
       if (name !== false) headers.set("cache-status", `${name}; fwd=miss; collapsed`);
-      const body = fillBody(fill, readers[0], 0, Infinity, rescue);
+      const body = fillBody(fill, readers[0], 0, Infinity, { rescue, onCut: cutReport(c, id) });
       return c.newResponse(body, 200, Object.fromEntries(headers));
     }
     let opened = 0;
     const open = (start: number, end: number) =>
-      Promise.resolve(fillBody(fill, readers[opened++], start, end + 1, rescue));
+      Promise.resolve(
+        fillBody(fill, readers[opened++], start, end + 1, { rescue, onCut: cutReport(c, id) }),
+      );
     // Parts never opened (the client left early) let go of their readers.
     const release = () => {
       for (const reader of readers.slice(opened)) fill.detach(reader);
@@ -539,10 +552,12 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
       ? undefined
       : () => fetchImage(id, new AbortController().signal);
     c.res = undefined;
-    c.res = new Response(fillBody(fill, fill.attachAt(0)!, 0, Infinity, rescue), {
-      status: 200,
-      headers,
+    // (A fill that ended before this attaches, which it should not, is rescued or reported.)
+    const body = fillBody(fill, fill.attachAt(0), 0, Infinity, {
+      rescue,
+      onCut: cutReport(c, id),
     });
+    c.res = new Response(body, { status: 200, headers });
   };
 
   return async function imageCache(c, next) {

@@ -210,6 +210,23 @@ describe("DELETE /v2/cache", () => {
     );
   }
 
+  it("leaves one tombstone for every image, not one per image (a cluster's peers answer fast)", async () => {
+    await withTempDir(async (directory) => {
+      const store = new FileSystemStore({ directory });
+      await withManaged(
+        store,
+        testOrigin(images(3, 1024)),
+        { prefetch: false },
+        async ({ app }) => {
+          for (const id of ["img0", "img1", "img2"]) await cache(app, id);
+          assert.equal((await admin(app, "DELETE", "/v2/cache")).status, 204);
+          assert.deepEqual(await readdir(join(directory, "deleted")), [".all"]);
+          assert.equal((await listing(app)).cached_images.length, 0);
+        },
+      );
+    });
+  });
+
   it("answers 400 for any other target and clears nothing", async () => {
     const origin = testOrigin(images(1, 1024));
     await withManaged(new MemoryStore(), origin, { prefetch: false }, async ({ app }) => {

@@ -324,17 +324,19 @@ describe("regressions found by the soak", () => {
       const store = new FaultyStore(new MemoryStore());
       const app = new Hono();
       let calls = 0;
+      const errors: unknown[] = [];
       const fetchImage = options.fetchImage
         ? async (id: string) => await app.request(`/origin/${id}`)
         : undefined;
-      app.use("/v2/*", imageCache({ store, onError: () => {}, fetchImage, fillOnRange: false }));
+      const onError = (error: unknown) => errors.push(error);
+      app.use("/v2/*", imageCache({ store, onError, fetchImage, fillOnRange: false }));
       const handler = (c: Context) => origin(c, ++calls);
       app.get("/v2/images/:id/file", handler);
       app.get("/origin/:id", handler);
       const first = await app.request("/v2/images/a/file");
       const headers: Record<string, string> = options.range ? { range: options.range } : {};
       const late = await app.request("/v2/images/a/file", { headers });
-      return { store, first, late, calls: () => calls };
+      return { store, first, late, calls: () => calls, errors };
     }
     const big = pattern(6 * 2 ** 20, 4);
     const good = (c: Context) =>
@@ -385,8 +387,8 @@ describe("regressions found by the soak", () => {
       assert.equal(calls, 2, "the whole image once more, through fetchImage");
     });
 
-    it("is cut, never ends cleanly, when the origin's second answer is not the image", async () => {
-      const { store, first, late } = await trailing((c, calls) => {
+    it("is cut, never ends cleanly, and reported, when the origin's second answer is not the image", async () => {
+      const { store, first, late, errors } = await trailing((c, calls) => {
         const body = calls === 1 ? big : big.slice();
         if (calls > 1) body[body.byteLength - 10] ^= 1;
         return c.body(slowStream(body, 64 * 1024), 200, {
@@ -399,6 +401,10 @@ describe("regressions found by the soak", () => {
       const { bytes, error } = await readBody(late);
       assert.match(String(error), /Checksum mismatch/);
       assert.ok(bytes.byteLength < big.byteLength, "the last byte was held back");
+      // The fill itself succeeded: the cut is this client's alone, and onError says so.
+      const cut = errors.map(String).filter((e) => e.includes("was cut at byte"));
+      assert.equal(cut.length, 1);
+      assert.match(cut[0], /A client of the fill of "a" was cut at byte \d+: .*Checksum mismatch/);
     });
 
     it("the client that started the fill is rescued through fetchImage", async () => {

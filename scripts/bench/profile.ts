@@ -13,7 +13,11 @@
  * npx -y deno task bench:profile --docs    # every runtime, pass and cache: docs/benchmarks.md
  * npx -y deno task bench:profile --mode pass           # the pass-through, for comparison
  * npx -y deno task bench:profile --mode hit            # a hit (the second download); --mode raw: its baseline
+ * npx -y deno task bench:profile --runtime node --v8-flags=--max-semi-space-size=4  # other V8 flags
  * ```
+ *
+ * `--v8-flags LIST` (space-separated) replaces the V8 flags every benchmark
+ * server runs with (`SERVER_FLAGS` in lib.ts; `--v8-flags ""`: none).
  *
  * @module
  */
@@ -30,6 +34,7 @@ import {
   type Runtime,
   type RuntimeName,
   startBenchServer,
+  watchPeak,
   WORK,
 } from "./lib.ts";
 
@@ -103,6 +108,8 @@ interface Profiled {
   mode: string;
   mibPerSecond: number;
   cpuPerGiB: number;
+  /** Peak resident memory of the server during the download, in MiB. */
+  peakMiB: number;
   /** CPU seconds per GiB by thread name, largest first. */
   threads: [string, number][];
   /** Top functions by self time, per profiled thread ("main thread", "worker thread"). */
@@ -116,12 +123,19 @@ async function profileOnce(
   size: number,
   mode: string,
   digest: string,
+  v8Flags: string[] | undefined,
 ): Promise<Profiled> {
   const origin = await startBenchServer(deno, { mode: "raw", data: dataDir });
   const profiles = await mkdtemp(join(WORK, "profile-"));
   const cache = await mkdtemp(join(WORK, "profile-cache-"));
   // Bun has no V8 profiler: its threads' CPU only.
   const flags = runtime.name === "bun" ? [] : ["--cpu-prof", `--cpu-prof-dir=${profiles}`];
+  let serverFlags = runtime.serverFlags;
+  if (v8Flags !== undefined && runtime.name !== "bun") {
+    serverFlags = runtime.name === "deno" && v8Flags.length > 0
+      ? [`--v8-flags=${v8Flags.join(",")}`]
+      : v8Flags;
+  }
   const gib = size / 2 ** 30;
   try {
     if (mode === "hit") {
@@ -141,7 +155,7 @@ async function profileOnce(
     }
     // `hit`: a cache server that has the image; `raw`: the runtime's own file serving.
     const server = await startBenchServer(
-      { ...runtime, serverFlags: [...runtime.serverFlags, ...flags] },
+      { ...runtime, serverFlags: [...serverFlags, ...flags] },
       mode === "raw" ? { mode: "raw", data: dataDir } : {
         mode: mode === "hit" ? "cache" : mode as "cache" | "pass",
         origin: origin.url,
@@ -150,8 +164,9 @@ async function profileOnce(
       },
     );
     let threads = new Map<number, ThreadTime>();
-    let wall: number, cpu: number;
+    let wall: number, cpu: number, peak: number;
     try {
+      const peakWatch = watchPeak(server.pid);
       const before = cpuSeconds(server.pid);
       const start = threadTimes(server.pid);
       // Sampled while it runs, so threads that exit before the end still count.
@@ -161,6 +176,7 @@ async function profileOnce(
       );
       const downloaded = await download([`${server.url}/v2/images/profiled/file`]);
       clearInterval(sampler);
+      peak = peakWatch.stop();
       wall = downloaded.wall;
       threads = mergeThreads(threads, threadTimes(server.pid));
       for (const [tid, time] of start) {
@@ -190,6 +206,7 @@ async function profileOnce(
       mode,
       mibPerSecond: size / MiB / wall,
       cpuPerGiB: cpu / gib,
+      peakMiB: peak / MiB,
       threads: [...byName].filter(([, s]) => s >= 0.01).sort((a, b) => b[1] - a[1]),
       functions,
     };
@@ -204,7 +221,7 @@ function printProfile(p: Profiled, digest: string) {
   console.log(
     `${p.version} ${p.mode} ${digest}: ${p.mibPerSecond.toFixed(0)} MiB/s, server CPU ${
       p.cpuPerGiB.toFixed(2)
-    } s per GiB`,
+    } s per GiB, peak RSS ${p.peakMiB.toFixed(0)} MiB`,
   );
   console.log("\nCPU by thread (from /proc, during the download), s per GiB:");
   for (const [name, seconds] of p.threads) {
@@ -264,6 +281,7 @@ async function main() {
       digest: { type: "string", default: "md5" },
       "size-mib": { type: "string", default: "1024" },
       docs: { type: "boolean", default: false },
+      "v8-flags": { type: "string" },
     },
   });
   const names = (values.docs ? ["deno", "bun", "node"] : [values.runtime]) as RuntimeName[];
@@ -288,7 +306,8 @@ async function main() {
   const profiles: Profiled[] = [];
   for (const runtime of runtimes) {
     for (const mode of modes) {
-      const p = await profileOnce(runtime, deno, data.dir, size, mode, values.digest);
+      const v8Flags = values["v8-flags"]?.split(/\s+/).filter((flag) => flag !== "");
+      const p = await profileOnce(runtime, deno, data.dir, size, mode, values.digest, v8Flags);
       printProfile(p, values.digest);
       profiles.push(p);
     }

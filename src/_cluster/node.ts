@@ -79,14 +79,14 @@ const QUERY_TIMEOUT = 5_000;
  * back from a database outage may not be listed yet (its heartbeat is
  * older than `deadAfter`) nor listening again (its NOTIFY is lost), yet it
  * serves, and its peers fill from it: only a direct ask reaches it. A dead
- * URL among them costs at most a second.
+ * URL among them costs at most EVICT_TIMEOUT.
  */
 export function evictionTargets(listed: readonly string[], known: readonly string[]): string[] {
   return [...new Set([...listed, ...known])];
 }
 
 /** Milliseconds a cluster-wide delete waits for each peer's answer. */
-const EVICT_TIMEOUT = 1_000;
+const EVICT_TIMEOUT = 2_000;
 /** Syncs in a row that must miss a peer before a delete stops asking it directly. */
 const PEER_MISSES = 3;
 
@@ -553,7 +553,7 @@ export class ClusterNode implements PeerHost, PeerClient {
   /**
    * Evicts on every live node: here first, then the index rows of every
    * node go, a NOTIFY reaches every listening node, and each live peer is
-   * asked directly (at most a second each), twice (see below). With the database away, the
+   * asked directly (at most 2 s each), twice (see below). With the database away, the
    * peers known at the last sync are asked directly. Resolves whether any
    * node had anything (this one, a row, or a peer's answer), and whether
    * every node was reached.
@@ -586,17 +586,24 @@ export class ClusterNode implements PeerHost, PeerClient {
       await this.evictHere(eviction);
       const again = await ask();
       for (const [i, answer] of again.entries()) {
-        if (answer === undefined) answers[i] = undefined;
-        else if (answers[i] !== undefined) answers[i] = answers[i] || answer;
+        const first = answers[i];
+        if (typeof answer !== "boolean") answers[i] = answer;
+        else if (typeof first === "boolean") answers[i] = first || answer;
       }
     }
     if (!everywhere) {
       // The database is away: the peers known at the last sync were asked directly.
-      everywhere = answers.every((answer) => answer !== undefined);
+      const missed = peers.flatMap((url, i) => {
+        const answer = answers[i];
+        return typeof answer === "boolean" ? [] : [`${url} (${answer.error})`];
+      });
+      everywhere = missed.length === 0;
       this.#settings.onLog(
         `cluster database unreachable: the delete reached this node and ${
-          answers.filter((answer) => answer !== undefined).length
-        } of ${peers.length} known peer(s) directly`,
+          peers.length - missed.length
+        } of ${peers.length} known peer(s) directly${
+          missed.length > 0 ? `; not reached: ${missed.join(", ")}` : ""
+        }`,
       );
     }
     return { found: found || answers.some((answer) => answer === true), everywhere };

@@ -242,13 +242,13 @@ export async function askPeer(
   };
 }
 
-/** Asks `url` to evict; resolves whether it had anything, `undefined` when it did not answer. */
+/** Asks `url` to evict; resolves whether it had anything, or why it did not answer. */
 export async function evictOnPeer(
   client: PeerClient,
   url: string,
   eviction: Eviction,
   timeout: number,
-): Promise<boolean | undefined> {
+): Promise<boolean | { error: string }> {
   try {
     const response = await fetch(`${url}${PEER_PATH}/evict`, {
       method: "POST",
@@ -258,10 +258,11 @@ export async function evictOnPeer(
     });
     if (!response.ok) {
       await response.body?.cancel().catch(() => {});
-      return undefined;
+      return { error: `answered ${response.status}` };
     }
     return ((await response.json()) as { found?: boolean }).found === true;
-  } catch {
-    return undefined;
+  } catch (error) {
+    const timedOut = error instanceof Error && error.name === "TimeoutError";
+    return { error: timedOut ? `no answer within ${timeout} ms` : String(error) };
   }
 }

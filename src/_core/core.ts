@@ -526,7 +526,10 @@ export class CacheCore {
    * entry, its queue marker (unless `keepQueued`) and partial data are
    * removed. Resolves whether anything existed.
    */
-  async evict(id: string, options: { keepQueued?: boolean } = {}): Promise<boolean> {
+  async evict(
+    id: string,
+    options: { keepQueued?: boolean; tombstoned?: boolean } = {},
+  ): Promise<boolean> {
     const claim = this.#claims.get(id);
     if (claim !== undefined) {
       claim.evicted = true;
@@ -543,7 +546,7 @@ export class CacheCore {
     // A tombstone first: a miss another process started before now will not
     // commit. Then the lock: a fill of another process cannot commit either,
     // and what it committed before is removed next.
-    await store.markDeleted?.(id);
+    if (!options.tombstoned) await store.markDeleted?.(id);
     if (await store.deleteIncomplete(id)) found = true;
     if (await store.delete(id)) found = true;
     if (!options.keepQueued && await store.dequeue(id)) found = true;
@@ -569,8 +572,10 @@ export class CacheCore {
     ]);
     let removed = 0;
     const committed = new Set(entries);
+    // The tombstone of every image is down: one per image would only slow a cluster-wide
+    // delete, whose peers have a second to answer.
     for (const id of ids) {
-      if (await this.evict(id, options) && committed.has(id)) removed++;
+      if (await this.evict(id, { ...options, tombstoned: true }) && committed.has(id)) removed++;
     }
     return removed;
   }

@@ -857,35 +857,59 @@ function concat(chunks: readonly Uint8Array[], length: number): Uint8Array {
   return bytes;
 }
 
+/** How a {@linkcode fillBody} recovers and reports. */
+export interface FillBodyOptions {
+  /**
+   * Asked for the origin's whole answer when the store cannot read back
+   * bytes this reader needs (or the reader could not attach); the rest
+   * comes from it, checked (src/_fill/rescue.ts).
+   */
+  rescue?: () => Promise<Response | undefined>;
+  /**
+   * Told when the body is cut for a reason other than the fill's own
+   * failure (which the core reports once): a read back and its rescue that
+   * both failed, say. `position` is the first byte the client did not get.
+   */
+  onCut?: (error: unknown, position: number) => void;
+}
+
 /**
  * A body that follows `fill` from byte `start` to `end` (exclusive), for a
- * reader attached at `start` ({@linkcode Fill.attachAt}). The reader
- * detaches when the body finishes, fails or is cancelled. When the store
- * cannot read back bytes this reader needs, `rescue` (when given) is asked
- * for the origin's whole answer, and the rest comes from it, checked
- * (src/_fill/rescue.ts).
+ * reader attached at `start` ({@linkcode Fill.attachAt}); `undefined`: the
+ * reader could not attach (the fill ended meanwhile), and the body is
+ * rescued from `start` (or cut). The reader detaches when the body
+ * finishes, fails or is cancelled.
  */
 export function fillBody(
   fill: Fill,
-  reader: Reader,
+  reader: Reader | undefined,
   start: number,
   end = Infinity,
-  rescue?: () => Promise<Response | undefined>,
+  options: FillBodyOptions = {},
 ): ReadableStream<Uint8Array> {
+  const { rescue, onCut } = options;
   let position = start;
   let rest: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  const cut = (controller: ReadableStreamDefaultController<Uint8Array>, error: unknown) => {
+    if (error !== fill.error) onCut?.(error, position);
+    controller.error(error);
+  };
   const pull = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
     if (rest !== undefined) {
       try {
         const { done, value } = await rest.read();
         if (done) controller.close();
-        else controller.enqueue(value);
+        else {
+          position += value.byteLength;
+          controller.enqueue(value);
+        }
       } catch (error) {
-        controller.error(error);
+        cut(controller, error);
       }
       return;
     }
     try {
+      if (reader === undefined) throw new ReadBackError(position);
       const bytes = await fill.read(reader, position, end);
       if (bytes === null) {
         fill.detach(reader);
@@ -895,13 +919,13 @@ export function fillBody(
       position += bytes.byteLength;
       controller.enqueue(bytes);
     } catch (error) {
-      fill.detach(reader);
+      if (reader !== undefined) fill.detach(reader);
       // The store could not read back what this client needs: the rest from the origin.
       const answer = error instanceof ReadBackError && rescue !== undefined
         ? await rescue().catch(() => undefined)
         : undefined;
       const stream = answer === undefined ? undefined : rescuedRest(answer, fill, position, end);
-      if (stream === undefined) return controller.error(error);
+      if (stream === undefined) return cut(controller, error);
       rest = stream.getReader();
       return pull(controller);
     }
@@ -909,7 +933,7 @@ export function fillBody(
   return new ReadableStream<Uint8Array>({
     pull,
     cancel(reason) {
-      fill.detach(reader);
+      if (reader !== undefined) fill.detach(reader);
       return rest?.cancel(reason);
     },
   }, { highWaterMark: 0 });
