@@ -890,49 +890,62 @@ export function fillBody(
   const { rescue, onCut } = options;
   let position = start;
   let rest: ReadableStreamDefaultReader<Uint8Array> | undefined;
+  /** Whether the client's side cancelled this body (it left): nothing to cut, nothing to report. */
+  let cancelled = false;
   const cut = (controller: ReadableStreamDefaultController<Uint8Array>, error: unknown) => {
+    if (cancelled) return;
     if (error !== fill.error) onCut?.(error, position);
     controller.error(error);
   };
   const pull = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
     if (rest !== undefined) {
+      let next: ReadableStreamReadResult<Uint8Array>;
       try {
-        const { done, value } = await rest.read();
-        if (done) controller.close();
-        else {
-          position += value.byteLength;
-          controller.enqueue(value);
-        }
+        next = await rest.read();
       } catch (error) {
-        cut(controller, error);
+        return cut(controller, error);
       }
+      if (cancelled) return;
+      if (next.done) return controller.close();
+      position += next.value.byteLength;
+      controller.enqueue(next.value);
       return;
     }
+    let bytes: Uint8Array | null;
     try {
       if (reader === undefined) throw new ReadBackError(position);
-      const bytes = await fill.read(reader, position, end);
-      if (bytes === null) {
-        fill.detach(reader);
-        controller.close();
-        return;
-      }
-      position += bytes.byteLength;
-      controller.enqueue(bytes);
+      bytes = await fill.read(reader, position, end);
     } catch (error) {
       if (reader !== undefined) fill.detach(reader);
+      if (cancelled) return;
       // The store could not read back what this client needs: the rest from the origin.
       const answer = error instanceof ReadBackError && rescue !== undefined
         ? await rescue().catch(() => undefined)
         : undefined;
       const stream = answer === undefined ? undefined : rescuedRest(answer, fill, position, end);
       if (stream === undefined) return cut(controller, error);
+      if (cancelled) {
+        await stream.cancel().catch(() => {});
+        return;
+      }
       rest = stream.getReader();
       return pull(controller);
     }
+    // The client may have left while this pull waited (an empty body may be
+    // cancelled by the server at once): its stream takes nothing more.
+    if (cancelled) return;
+    if (bytes === null) {
+      fill.detach(reader);
+      controller.close();
+      return;
+    }
+    position += bytes.byteLength;
+    controller.enqueue(bytes);
   };
   return new ReadableStream<Uint8Array>({
     pull,
     cancel(reason) {
+      cancelled = true;
       if (reader !== undefined) fill.detach(reader);
       return rest?.cancel(reason);
     },
