@@ -203,7 +203,9 @@ export class Fill {
   #readerTick: Promise<void> | undefined;
   #readerWake: (() => void) | undefined;
   /** Chunks read back for trailing readers, by aligned offset (see {@linkcode #readBack}). */
-  #readBacks = new Map<number, { end: number; bytes: Promise<Uint8Array> }>();
+  #readBacks = new Map<number, Promise<Uint8Array>>();
+  /** Where each of {@linkcode #readBacks} ends (a map of its own: no object per chunk). */
+  #readBackEnds = new Map<number, number>();
   /** Whether the pump keeps within the window of its fastest reader (see {@linkcode #pace}). */
   #pacing = true;
   #source: ReadableStreamDefaultReader<Uint8Array>;
@@ -489,6 +491,7 @@ export class Fill {
     if (this.#closed) return;
     this.#closed = true;
     this.#readBacks.clear();
+    this.#readBackEnds.clear();
     const onError = this.#init.onError;
     await this.#writer?.close().catch(onError);
     await this.#init.backing?.close().catch(onError);
@@ -821,15 +824,20 @@ export class Fill {
   #readBack(start: number, end: number): Promise<Uint8Array> {
     let slowest = Infinity;
     for (const reader of this.#readers) slowest = Math.min(slowest, reader.position);
-    for (const [offset, chunk] of this.#readBacks) {
-      if (chunk.end <= slowest && offset !== start) this.#readBacks.delete(offset);
+    const readBacks = this.#readBacks;
+    const ends = this.#readBackEnds;
+    for (const [offset, chunkEnd] of ends) {
+      if (chunkEnd <= slowest && offset !== start) {
+        readBacks.delete(offset);
+        ends.delete(offset);
+      }
     }
-    const cached = this.#readBacks.get(start);
-    if (cached !== undefined && cached.end >= end) {
+    const cached = readBacks.get(start);
+    if (cached !== undefined && ends.get(start)! >= end) {
       // Most recently used last.
-      this.#readBacks.delete(start);
-      this.#readBacks.set(start, cached);
-      return cached.bytes;
+      readBacks.delete(start);
+      readBacks.set(start, cached);
+      return cached;
     }
     const backing = this.#writer ?? this.#init.backing;
     const length = end - start;
@@ -843,14 +851,19 @@ export class Fill {
       );
     };
     const bytes = read();
-    const entry = { end, bytes };
-    this.#readBacks.set(start, entry);
-    if (this.#readBacks.size > READ_BACK_CHUNKS) {
-      this.#readBacks.delete(this.#readBacks.keys().next().value!);
+    readBacks.set(start, bytes);
+    ends.set(start, end);
+    if (readBacks.size > READ_BACK_CHUNKS) {
+      const oldest = readBacks.keys().next().value!;
+      readBacks.delete(oldest);
+      ends.delete(oldest);
     }
     // A failed read is not kept: the next reader tries again.
     bytes.catch(() => {
-      if (this.#readBacks.get(start) === entry) this.#readBacks.delete(start);
+      if (readBacks.get(start) === bytes) {
+        readBacks.delete(start);
+        ends.delete(start);
+      }
     });
     return bytes;
   }
