@@ -511,6 +511,34 @@ describe("a large fill whose store fails mid-way", () => {
   });
 });
 
+describe("a store write that fails while the origin is far ahead of a slow disk", () => {
+  it("does not stall the process: the client gets every byte, nothing is stored", async () => {
+    // Found by the cluster soak (seed 31337): the fill waited for the disk by awaiting
+    // the failed write's settled promise in a loop, which never yielded to I/O, and the
+    // process stopped answering anything.
+    await withTempDir(async (directory) => {
+      const IMAGE = pattern(24 * MiB, 41);
+      const inner = new FileSystemStore({ directory });
+      const store = new FaultyStore(inner, {
+        faults: { writeDelay: 40, failWriteAfter: 2 * MiB, writeErrorCode: "EIO" },
+      });
+      try {
+        const app = appOver(
+          store,
+          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
+        );
+        const res = await app.request("/v2/images/img/file");
+        const { bytes, error } = await readBody(res);
+        assert.equal(error, undefined);
+        assertBytes(bytes, IMAGE);
+        assert.equal(await inner.get("img"), undefined, "nothing committed");
+      } finally {
+        await inner.close();
+      }
+    });
+  });
+});
+
 describe("a large fill deleted mid-way on a slow disk", () => {
   it("still verifies its digest, and a new fill of the image meanwhile is not disturbed", async () => {
     await withTempDir(async (directory) => {

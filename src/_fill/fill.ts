@@ -361,7 +361,7 @@ export class Fill {
         if (this.#detached === undefined) {
           this.#flush();
           // The store trails by more than WRITE_AHEAD: wait for the disk (memory stays bounded).
-          while (this.#flushing && this.#written - this.#durable > WRITE_AHEAD) await this.#batch;
+          await this.#waitForStore();
         }
         // A large fill hashes in a worker: wait when it trails too far (bounded memory).
         const hashing = this.#hash.ready();
@@ -414,6 +414,25 @@ export class Fill {
       const skip = this.#hashed - offset;
       this.#hash.update(skip > 0 ? chunks[i].subarray(skip) : chunks[i]);
       this.#hashed = end;
+    }
+  }
+
+  /**
+   * Waits while the store trails the origin by more than WRITE_AHEAD. Each
+   * turn waits for a write that has not settled yet: once the write in
+   * flight settled and no new one started (the loop is detaching the fill
+   * after a store fault, or ending), it waits for the loop's end. Awaiting a
+   * settled promise again and again would never yield to I/O, and the whole
+   * process would stop.
+   */
+  async #waitForStore(): Promise<void> {
+    while (
+      this.#flushing && this.#detached === undefined &&
+      this.#written - this.#durable > WRITE_AHEAD
+    ) {
+      const batch = this.#batch;
+      await batch;
+      if (this.#batch === batch) await this.#flushed;
     }
   }
 
