@@ -418,7 +418,8 @@ export function imageCache(options: ImageCacheOptions): MiddlewareHandler {
         body = await store.body(entry, 0, entry.size - 1);
       }
     } catch (error) {
-      report(c)(error);
+      // A file deleted since the lookup (by another process, say) is no fault: the origin answers.
+      if ((error as { code?: unknown } | null)?.code !== "ENOENT") report(c)(error);
       return undefined;
     }
     // One hit per request answered from the entry, whatever its status.

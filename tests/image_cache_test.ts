@@ -493,14 +493,27 @@ describe("imageCache() with store faults", () => {
     assert.ok(errors.length >= 2);
   });
 
-  it("serves the origin when the hit's data cannot be opened", async () => {
+  it("serves the origin when the hit's data cannot be opened, and reports why", async () => {
     const store = new FaultyStore(new MemoryStore());
-    const { app, reads } = cachedApp(store, () => imageResponse());
+    const { app, reads, errors } = cachedApp(store, () => imageResponse());
     await readBody(await app.request("/v2/images/img/file"));
     store.faults.failBody = true;
     const res = await app.request("/v2/images/img/file");
     assertBytes((await readBody(res)).bytes, IMAGE);
     assert.equal(reads(), 2);
+    assert.match(errors.map(String).join("\n"), /injected fault in body/);
+  });
+
+  it("serves the origin, reporting nothing, when the hit's file was deleted since the lookup", async () => {
+    const store = new FaultyStore(new MemoryStore());
+    const { app, reads, errors } = cachedApp(store, () => imageResponse());
+    await readBody(await app.request("/v2/images/img/file"));
+    // Another process deleted the file between the lookup and the open.
+    store.body = () => Promise.reject(Object.assign(new Error("No such file"), { code: "ENOENT" }));
+    const res = await app.request("/v2/images/img/file");
+    assertBytes((await readBody(res)).bytes, IMAGE);
+    assert.equal(reads(), 2);
+    assert.deepEqual(errors, []);
   });
 
   it("delivers full bodies to the origin client when the cache directory is unwritable", async () => {
