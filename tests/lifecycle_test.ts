@@ -17,7 +17,7 @@ import {
   MemoryStore,
   metricsText,
 } from "hono-image-cache";
-import { FaultyStore } from "hono-image-cache/testing";
+import { type Faults, FaultyStore } from "hono-image-cache/testing";
 import {
   assertBytes,
   hexDigest,
@@ -486,28 +486,34 @@ describe("a commit that fails", () => {
   });
 });
 
+/**
+ * Fills `image` through a file-system store with `faults` whose writes fail at some point:
+ * the client must still get every byte, verified, and nothing may be committed.
+ */
+async function fillThroughFailingStore(image: Uint8Array, faults: Faults): Promise<void> {
+  await withTempDir(async (directory) => {
+    const inner = new FileSystemStore({ directory });
+    const store = new FaultyStore(inner, { faults });
+    try {
+      const app = appOver(
+        store,
+        origin(image, { headers: { "content-md5": hexDigest(image) } }).respond,
+      );
+      const { bytes, error } = await readBody(await app.request("/v2/images/img/file"));
+      assert.equal(error, undefined, "the digest verified: no cut");
+      assertBytes(bytes, image);
+      assert.equal(await inner.get("img"), undefined, "nothing committed");
+    } finally {
+      await inner.close();
+    }
+  });
+}
+
 describe("a large fill whose store fails mid-way", () => {
   it("still verifies its digest and gives every byte: its hash goes on from memory", async () => {
-    await withTempDir(async (directory) => {
-      // Large enough to hash in the worker, which reads the file back; the store
-      // fails after some MiB, not on a step the worker was told about.
-      const IMAGE = pattern(70 * MiB, 40);
-      const inner = new FileSystemStore({ directory });
-      const store = new FaultyStore(inner, { faults: { failWriteAfter: 11 * MiB + 600 * 1024 } });
-      try {
-        const app = appOver(
-          store,
-          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
-        );
-        const res = await app.request("/v2/images/img/file");
-        const { bytes, error } = await readBody(res);
-        assert.equal(error, undefined, "the digest verified: no cut");
-        assertBytes(bytes, IMAGE);
-        assert.equal(await inner.get("img"), undefined, "nothing committed");
-      } finally {
-        await inner.close();
-      }
-    });
+    // Large enough to hash in the worker, which reads the file back; the store
+    // fails after some MiB, not on a step the worker was told about.
+    await fillThroughFailingStore(pattern(70 * MiB, 40), { failWriteAfter: 11 * MiB + 600 * 1024 });
   });
 });
 
@@ -516,25 +522,10 @@ describe("a store write that fails while the origin is far ahead of a slow disk"
     // Found by the cluster soak (seed 31337): the fill waited for the disk by awaiting
     // the failed write's settled promise in a loop, which never yielded to I/O, and the
     // process stopped answering anything.
-    await withTempDir(async (directory) => {
-      const IMAGE = pattern(24 * MiB, 41);
-      const inner = new FileSystemStore({ directory });
-      const store = new FaultyStore(inner, {
-        faults: { writeDelay: 40, failWriteAfter: 2 * MiB, writeErrorCode: "EIO" },
-      });
-      try {
-        const app = appOver(
-          store,
-          origin(IMAGE, { headers: { "content-md5": hexDigest(IMAGE) } }).respond,
-        );
-        const res = await app.request("/v2/images/img/file");
-        const { bytes, error } = await readBody(res);
-        assert.equal(error, undefined);
-        assertBytes(bytes, IMAGE);
-        assert.equal(await inner.get("img"), undefined, "nothing committed");
-      } finally {
-        await inner.close();
-      }
+    await fillThroughFailingStore(pattern(24 * MiB, 41), {
+      writeDelay: 40,
+      failWriteAfter: 2 * MiB,
+      writeErrorCode: "EIO",
     });
   });
 });
