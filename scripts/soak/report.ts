@@ -38,7 +38,16 @@ export interface Found extends Violation {
  * tests/regressions_test.ts. They are printed and counted apart, and fail
  * the run only with `--strict`. Remove an entry when its finding is fixed.
  */
-export const KNOWN: { finding: string; matches(found: Found): boolean }[] = [];
+export const KNOWN: { finding: string; matches(found: Found): boolean }[] = [{
+  // tests/regressions_test.ts, "open findings of the soak": on Node, an origin answer that
+  // announces more bytes than it sends leaves its body hanging instead of failing (undici#5360),
+  // and a Range joined to that fill is answered with the announced, false total.
+  finding:
+    "a Range joined to a fill trusts the Content-Length of an origin answer not yet proven by its body",
+  matches: (found) =>
+    found.kind === "http" && found.message.startsWith("206 with Content-Range") &&
+    found.context.includes("long-length"),
+}];
 
 /** Adds `by` to `table[key]`. */
 export function bump(table: Record<string, number>, key: string, by = 1): void {
