@@ -573,7 +573,7 @@ export class CacheCore {
     let removed = 0;
     const committed = new Set(entries);
     // The tombstone of every image is down: one per image would only slow a cluster-wide
-    // delete, whose peers have a second to answer.
+    // delete, whose peers have EVICT_TIMEOUT (src/_cluster/node.ts) to answer.
     for (const id of ids) {
       if (await this.evict(id, { ...options, tombstoned: true }) && committed.has(id)) removed++;
     }

@@ -846,10 +846,7 @@ export class Fill {
     const readBacks = this.#readBacks;
     const ends = this.#readBackEnds;
     for (const [offset, chunkEnd] of ends) {
-      if (chunkEnd <= slowest && offset !== start) {
-        readBacks.delete(offset);
-        ends.delete(offset);
-      }
+      if (chunkEnd <= slowest && offset !== start) this.#dropReadBack(offset);
     }
     const cached = readBacks.get(start);
     if (cached !== undefined && ends.get(start)! >= end) {
@@ -872,19 +869,17 @@ export class Fill {
     const bytes = read();
     readBacks.set(start, bytes);
     ends.set(start, end);
-    if (readBacks.size > READ_BACK_CHUNKS) {
-      const oldest = readBacks.keys().next().value!;
-      readBacks.delete(oldest);
-      ends.delete(oldest);
-    }
+    if (readBacks.size > READ_BACK_CHUNKS) this.#dropReadBack(readBacks.keys().next().value!);
     // A failed read is not kept: the next reader tries again.
     bytes.catch(() => {
-      if (readBacks.get(start) === bytes) {
-        readBacks.delete(start);
-        ends.delete(start);
-      }
+      if (readBacks.get(start) === bytes) this.#dropReadBack(start);
     });
     return bytes;
+  }
+
+  #dropReadBack(offset: number) {
+    this.#readBacks.delete(offset);
+    this.#readBackEnds.delete(offset);
   }
 
   /** Waits until the fill is verified or failed. */
