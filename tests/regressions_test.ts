@@ -154,6 +154,40 @@ describe("regressions found by the soak", () => {
   );
 
   it(
+    "a clear in one process stops another process's miss whose origin answer was still awaited",
+    async () => {
+      // Only the clear's tombstone for every image stops it: the miss takes its lock after.
+      await withTempDir(async (directory) => {
+        const storeA = new FileSystemStore({ directory });
+        const storeB = new FileSystemStore({ directory });
+        const headers = gate();
+        const controller = new AbortController();
+        const appA = appOver(storeA, {}, controller.signal);
+        const appB = appOver(storeB, { beforeHeaders: headers.wait });
+        try {
+          const pending = appB.request("/v2/images/a/file");
+          await sleep(20); // B's miss now waits for the origin's headers.
+          assert.equal((await appA.request("/v2/cache", { method: "DELETE" })).status, 204);
+          headers.open();
+          const { bytes } = await readBody(await pending);
+          assert.equal(bytes.byteLength, IMAGE.byteLength);
+          await sleep(50);
+          assert.equal(
+            await storeB.get("a"),
+            undefined,
+            "the miss from before the clear did not commit",
+          );
+        } finally {
+          headers.open();
+          controller.abort();
+          await storeA.close();
+          await storeB.close();
+        }
+      });
+    },
+  );
+
+  it(
     "after a DELETE in one process, another process lets no new request join its fill from before",
     async () => {
       await withTempDir(async (directory) => {
